@@ -1,2 +1,59 @@
-from ._detect import CpuBudget as CpuBudget, detect_budget as detect_budget
+"""threadbudget: one CPU budget for native thread pools and request concurrency.
+
+Importing this package changes nothing; call :func:`apply_plan`, import ``threadbudget.auto``
+or use the ``threadbudget`` command to apply a budget.
+"""
+
+from __future__ import annotations
+
+from ._apply import AppliedBudget as AppliedBudget
+from ._apply import EnvConflict as EnvConflict
+from ._apply import apply_plan as apply_plan
+from ._controllers import RuntimeChange as RuntimeChange
+from ._controllers import RuntimeController as RuntimeController
+from ._controllers import ThreadpoolctlController as ThreadpoolctlController
+from ._controllers import TorchController as TorchController
+from ._controllers import register_controller as register_controller
+from ._controllers import registered_controllers as registered_controllers
+from ._controllers import unregister_controller as unregister_controller
+from ._detect import CpuBudget as CpuBudget
+from ._detect import Override as Override
+from ._detect import detect_budget as detect_budget
+from ._detect import round_cpus as round_cpus
+from ._envvars import NATIVE_ENV_VARS as NATIVE_ENV_VARS
+from ._envvars import NativeEnvVar as NativeEnvVar
+from ._info import collect_info as collect_info
+from ._plan import Plan as Plan
+from ._plan import make_plan as make_plan
+from ._threads import ThreadActivity as ThreadActivity
+from ._threads import count_os_threads as count_os_threads
+from ._threads import measure_busy_threads as measure_busy_threads
+from ._version import __version__ as __version__
 from ._warnings import ThreadBudgetWarning as ThreadBudgetWarning
+
+__all__ = [
+    "NATIVE_ENV_VARS",
+    "AppliedBudget",
+    "CpuBudget",
+    "EnvConflict",
+    "NativeEnvVar",
+    "Override",
+    "Plan",
+    "RuntimeChange",
+    "RuntimeController",
+    "ThreadActivity",
+    "ThreadBudgetWarning",
+    "ThreadpoolctlController",
+    "TorchController",
+    "__version__",
+    "apply_plan",
+    "collect_info",
+    "count_os_threads",
+    "detect_budget",
+    "make_plan",
+    "measure_busy_threads",
+    "register_controller",
+    "registered_controllers",
+    "round_cpus",
+    "unregister_controller",
+]

@@ -1,0 +1,186 @@
+"""Runtime controllers: resize the pools of native libraries that are already loaded.
+
+One controller per library family behind a small ABC, kept in a registry that third parties
+extend with :func:`register_controller`. Controllers import nothing until asked, so importing
+threadbudget loads no native library.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "RuntimeChange",
+    "RuntimeController",
+    "ThreadpoolctlController",
+    "TorchController",
+    "register_controller",
+    "registered_controllers",
+    "unregister_controller",
+]
+
+
+@dataclass
+class RuntimeChange:
+    """What one controller changed, with the callable that undoes it."""
+
+    controller: str
+    library: str
+    before: int | None
+    after: int
+    undo: Callable[[], None] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class RuntimeController(ABC):
+    """Reads and sets the thread count of one family of already-loaded native libraries."""
+
+    #: Short unique name, shown by ``threadbudget info`` and used to unregister.
+    name: str = ""
+
+    @abstractmethod
+    def is_loaded(self) -> bool:
+        """Whether the library is in the process now; must not import it."""
+
+    @abstractmethod
+    def pools(self) -> list[dict[str, Any]]:
+        """One JSON-able description per loaded pool, with at least ``num_threads``."""
+
+    @abstractmethod
+    def limit(self, threads: int) -> list[RuntimeChange]:
+        """Set every loaded pool of this family to *threads*; return what changed."""
+
+
+class ThreadpoolctlController(RuntimeController):
+    """BLAS and OpenMP libraries as threadpoolctl finds them (OpenBLAS, MKL, BLIS, libgomp...).
+
+    OpenBLAS (pthreads), MKL and BLIS limits are process-wide. OpenMP limits set here apply to
+    the calling thread and to nothing else: threads started later begin from OMP_NUM_THREADS.
+    """
+
+    name = "threadpoolctl"
+
+    def is_loaded(self) -> bool:
+        return bool(self.pools())
+
+    def pools(self) -> list[dict[str, Any]]:
+        from threadpoolctl import threadpool_info
+
+        return list(threadpool_info())
+
+    def limit(self, threads: int) -> list[RuntimeChange]:
+        from threadpoolctl import ThreadpoolController
+
+        controller = ThreadpoolController()
+        before = {lib.filepath: lib.num_threads for lib in controller.lib_controllers}
+        if not before:
+            return []
+        limiter = controller.limit(limits=threads)
+        restored = threading.Event()
+
+        def undo() -> None:
+            if not restored.is_set():
+                restored.set()
+                limiter.restore_original_limits()
+
+        changes: list[RuntimeChange] = []
+        for lib in controller.lib_controllers:
+            changes.append(
+                RuntimeChange(
+                    controller=self.name,
+                    library=f"{lib.prefix} ({lib.internal_api})",
+                    before=before[lib.filepath],
+                    after=threads,
+                    # One undo restores them all; attach it once.
+                    undo=undo if not changes else None,
+                )
+            )
+        return changes
+
+
+class TorchController(RuntimeController):
+    """torch's intra-op and inter-op pools, set through torch's own API.
+
+    ``torch.set_num_threads`` stores a process-wide value that every thread applies at its next
+    parallel region, so unlike a bare ``omp_set_num_threads`` it reaches threads created later.
+    torch links MKL statically, out of threadpoolctl's sight, which is why torch needs its own
+    controller. The inter-op pool can be sized once, before it starts; it is never restored.
+    """
+
+    name = "torch"
+
+    def is_loaded(self) -> bool:
+        return "torch" in sys.modules
+
+    def pools(self) -> list[dict[str, Any]]:
+        if not self.is_loaded():
+            return []
+        torch = sys.modules["torch"]
+        return [
+            {
+                "library": "torch",
+                "version": str(getattr(torch, "__version__", "?")),
+                "num_threads": int(torch.get_num_threads()),
+                "num_interop_threads": int(torch.get_num_interop_threads()),
+                "parallel_info": str(torch.__config__.parallel_info()),
+            }
+        ]
+
+    def limit(self, threads: int) -> list[RuntimeChange]:
+        if not self.is_loaded():
+            return []
+        torch = sys.modules["torch"]
+        before = int(torch.get_num_threads())
+        torch.set_num_threads(threads)
+        change = RuntimeChange(
+            controller=self.name,
+            library="torch intra-op",
+            before=before,
+            after=threads,
+            undo=lambda: torch.set_num_threads(before),
+        )
+        interop_before = int(torch.get_num_interop_threads())
+        if interop_before != threads:
+            try:
+                torch.set_num_interop_threads(threads)
+            except RuntimeError as error:
+                change.notes.append(
+                    f"torch's inter-op pool stays at {interop_before}: it can be sized only once, "
+                    f"before its first use ({str(error).strip().splitlines()[0]})"
+                )
+        return [change]
+
+
+_registry_lock = threading.Lock()
+_registry: dict[str, RuntimeController] = {}
+
+
+def register_controller(controller: RuntimeController) -> None:
+    """Add a controller (replacing one of the same name); it runs on every later ``apply``."""
+    if not isinstance(controller, RuntimeController):
+        raise TypeError(f"expected a RuntimeController instance, got {controller!r}")
+    if not controller.name:
+        raise ValueError(f"{type(controller).__name__} must set a non-empty 'name'")
+    with _registry_lock:
+        _registry[controller.name] = controller
+
+
+def unregister_controller(name: str) -> None:
+    with _registry_lock:
+        if name not in _registry:
+            raise KeyError(f"no controller named {name!r}; registered: {sorted(_registry)}")
+        del _registry[name]
+
+
+def registered_controllers() -> list[RuntimeController]:
+    with _registry_lock:
+        return list(_registry.values())
+
+
+register_controller(ThreadpoolctlController())
+register_controller(TorchController())

@@ -1,0 +1,126 @@
+"""The environment variables native libraries read when they load, and what a plan puts in them.
+
+Each library reads its variables once, at load time, so these only help before the import;
+``_apply`` handles libraries that are already loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from ._plan import Plan
+
+__all__ = ["APPLIED_MARKER", "NATIVE_ENV_VARS", "NativeEnvVar", "planned_values", "set_by_us"]
+
+Role = Literal["threads", "process", "budget", "passive", "single", "report"]
+
+# Lists NAME=VALUE pairs that threadbudget itself exported, so a child process (after
+# ``threadbudget run`` or a fork) can tell our values from the user's and re-plan them.
+APPLIED_MARKER = "THREADBUDGET_APPLIED"
+
+
+@dataclass(frozen=True)
+class NativeEnvVar:
+    """One variable: who reads it and which number of the plan it receives."""
+
+    name: str
+    role: Role
+    readers: str
+
+
+# role: threads = T per unit of work; process = this process's share of the budget (caps that
+# leave room for elastic grants); budget = the whole budget; passive = only when waiting must
+# not spin; single = only when T is 1; report = shown, never set.
+NATIVE_ENV_VARS: tuple[NativeEnvVar, ...] = (
+    NativeEnvVar(
+        "OMP_NUM_THREADS",
+        "threads",
+        "every OpenMP runtime; fallback of OpenBLAS, MKL, numexpr and torch",
+    ),
+    NativeEnvVar(
+        "MKL_NUM_THREADS", "threads", "MKL (takes precedence over OMP_NUM_THREADS in torch)"
+    ),
+    NativeEnvVar(
+        "OPENBLAS_NUM_THREADS", "threads", "OpenBLAS (before GOTO_NUM_THREADS and OMP_NUM_THREADS)"
+    ),
+    NativeEnvVar("GOTO_NUM_THREADS", "threads", "OpenBLAS (legacy name)"),
+    NativeEnvVar("BLIS_NUM_THREADS", "threads", "BLIS"),
+    NativeEnvVar("VECLIB_MAXIMUM_THREADS", "threads", "Apple Accelerate"),
+    NativeEnvVar("NUMEXPR_NUM_THREADS", "threads", "numexpr"),
+    NativeEnvVar("NUMBA_NUM_THREADS", "threads", "numba"),
+    NativeEnvVar("TF_NUM_INTRAOP_THREADS", "threads", "TensorFlow intra-op pool"),
+    NativeEnvVar("TF_NUM_INTEROP_THREADS", "threads", "TensorFlow inter-op pool"),
+    NativeEnvVar("RAYON_NUM_THREADS", "threads", "Rust rayon pools (polars, tokenizers, ...)"),
+    NativeEnvVar("RAYON_RS_NUM_CPUS", "threads", "Hugging Face tokenizers (its rayon pool)"),
+    NativeEnvVar("POLARS_MAX_THREADS", "threads", "polars"),
+    NativeEnvVar("OMP_THREAD_LIMIT", "process", "OpenMP: the most threads one team may hold"),
+    NativeEnvVar("NUMEXPR_MAX_THREADS", "process", "numexpr: upper bound of its pool"),
+    NativeEnvVar("LOKY_MAX_CPU_COUNT", "process", "loky / joblib / scikit-learn cpu_count()"),
+    NativeEnvVar(
+        "PYTHON_CPU_COUNT", "budget", "os.cpu_count() and os.process_cpu_count() on Python 3.13+"
+    ),
+    NativeEnvVar("OMP_WAIT_POLICY", "passive", "OpenMP: PASSIVE idles threads instead of spinning"),
+    NativeEnvVar(
+        "GOMP_SPINCOUNT",
+        "passive",
+        "libgomp (GCC OpenMP, torch on Linux): spin iterations before sleeping",
+    ),
+    NativeEnvVar(
+        "KMP_BLOCKTIME",
+        "passive",
+        "Intel/LLVM OpenMP: milliseconds a thread spins (200 by default)",
+    ),
+    NativeEnvVar(
+        "OPENBLAS_THREAD_TIMEOUT",
+        "passive",
+        "OpenBLAS: 2^N cycles its threads spin before sleeping (4..30)",
+    ),
+    NativeEnvVar("TOKENIZERS_PARALLELISM", "single", "Hugging Face tokenizers"),
+    NativeEnvVar(
+        "MKL_DYNAMIC",
+        "report",
+        "MKL: TRUE (its default) lets MKL use fewer threads "
+        "than asked, which never oversubscribes, so threadbudget leaves it alone",
+    ),
+)
+
+_PASSIVE_VALUES = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "GOMP_SPINCOUNT": "0",
+    "KMP_BLOCKTIME": "0",
+    "OPENBLAS_THREAD_TIMEOUT": "4",
+}
+
+
+def planned_values(plan: Plan) -> dict[str, str]:
+    """The value each variable should have under *plan* (variables it leaves alone are absent)."""
+    values: dict[str, str] = {}
+    for var in NATIVE_ENV_VARS:
+        if var.role == "threads":
+            values[var.name] = str(plan.threads)
+        elif var.role == "process":
+            values[var.name] = str(max(plan.process_budget, plan.threads))
+        elif var.role == "budget":
+            values[var.name] = str(plan.budget)
+        elif var.role == "passive" and plan.passive_wait:
+            values[var.name] = _PASSIVE_VALUES[var.name]
+        elif var.role == "single" and plan.threads == 1:
+            values[var.name] = "false"
+    return values
+
+
+def parse_marker(environ: Mapping[str, str]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in environ.get(APPLIED_MARKER, "").split(","):
+        name, sep, value = item.partition("=")
+        if sep and name:
+            pairs[name] = value
+    return pairs
+
+
+def set_by_us(name: str, environ: Mapping[str, str]) -> bool:
+    """True when *name* holds the value threadbudget itself exported (here or in a parent)."""
+    value = environ.get(name)
+    return value is not None and parse_marker(environ).get(name) == value
