@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,28 @@ from ._warnings import warn
 __all__ = ["AppliedBudget", "EnvConflict", "apply_plan"]
 
 logger = logging.getLogger("threadbudget")
+
+
+class _ThreadStartHook:
+    """Sizes per-thread runtimes at the start of every thread that ``threading`` starts later.
+
+    OpenMP keeps one limit per thread and new threads start from the value the library loaded
+    with, so a limit set at runtime in one thread reaches no other. ``threading.setprofile``
+    is the one documented hook that runs inside each new thread before its target; it removes
+    itself from the thread after the first event, so the thread runs unprofiled.
+    """
+
+    def __init__(self, setters: list[Callable[[int], None]], threads: int) -> None:
+        self.setters = setters
+        self.threads = threads
+
+    def __call__(self, frame: object, event: str, arg: object) -> None:
+        sys.setprofile(None)
+        for setter in self.setters:
+            try:
+                setter(self.threads)
+            except Exception as error:  # a thread must start even if a setter breaks
+                logger.warning("per-thread limit failed in a new thread: %r", error)
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,7 @@ class AppliedBudget:
     _environ: MutableMapping[str, str] = field(repr=False, default_factory=dict)
     _previous_env: dict[str, str | None] = field(repr=False, default_factory=dict)
     _restored: bool = field(repr=False, default=False)
+    _thread_hook: _ThreadStartHook | None = field(repr=False, default=None)
     _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
 
     @property
@@ -57,6 +81,8 @@ class AppliedBudget:
             if self._restored:
                 return
             self._restored = True
+        if self._thread_hook is not None and threading.getprofile() is self._thread_hook:
+            threading.setprofile(None)
         for change in reversed(self.runtime_changes):
             if change.undo is not None:
                 change.undo()
@@ -185,14 +211,18 @@ def _check_user_threads(applied: AppliedBudget, name: str, value: str) -> None:
 
 def _apply_runtime(applied: AppliedBudget) -> None:
     threads = applied.plan.threads
+    setters: list[Callable[[int], None]] = []
     for controller in registered_controllers():
         try:
             if not controller.is_loaded():
                 continue
             changes = controller.limit(threads)
+            setter = controller.thread_setter()
         except Exception as error:  # a broken third-party controller must not stop the others
             applied.warnings.append(f"controller {controller.name!r} failed: {error!r}")
             continue
+        if setter is not None:
+            setters.append(setter)
         applied.runtime_changes.extend(changes)
         late = sorted({c.library for c in changes if c.before is not None and c.before != threads})
         if late:
@@ -204,3 +234,13 @@ def _apply_runtime(applied: AppliedBudget) -> None:
             )
         for change in changes:
             applied.warnings.extend(change.notes)
+    if setters:
+        if threading.getprofile() is None:
+            applied._thread_hook = _ThreadStartHook(setters, threads)
+            threading.setprofile(applied._thread_hook)
+        else:
+            applied.warnings.append(
+                "a profiler is installed with threading.setprofile, so threads started from now "
+                "on keep their OpenMP default; apply the budget before importing native "
+                "libraries, or size each thread with threadbudget's slots"
+            )

@@ -7,11 +7,14 @@ threadbudget loads no native library.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -54,6 +57,15 @@ class RuntimeController(ABC):
     @abstractmethod
     def limit(self, threads: int) -> list[RuntimeChange]:
         """Set every loaded pool of this family to *threads*; return what changed."""
+
+    def thread_setter(self) -> Callable[[int], None] | None:
+        """A cheap function that sizes the *calling thread's* pools, or ``None``.
+
+        Only per-thread runtimes (OpenMP, thread-local MKL) need one; it is resolved once and
+        then called at the start of each thread, or on entering a slot, so it must cost
+        microseconds, not the hundreds threadpoolctl spends per call.
+        """
+        return None
 
 
 class ThreadpoolctlController(RuntimeController):
@@ -101,6 +113,23 @@ class ThreadpoolctlController(RuntimeController):
                 )
             )
         return changes
+
+    def thread_setter(self) -> Callable[[int], None] | None:
+        from threadpoolctl import ThreadpoolController
+
+        setters = [
+            lib.set_num_threads
+            for lib in ThreadpoolController().lib_controllers
+            if lib.user_api == "openmp"
+        ]
+        if not setters:
+            return None
+
+        def set_openmp_threads(threads: int) -> None:
+            for setter in setters:
+                setter(threads)
+
+        return set_openmp_threads
 
 
 class TorchController(RuntimeController):
@@ -155,6 +184,50 @@ class TorchController(RuntimeController):
                 )
         return [change]
 
+    def thread_setter(self) -> Callable[[int], None] | None:
+        """Run torch's lazy per-thread init, then size this thread's OpenMP team and MKL.
+
+        ``torch.set_num_threads`` reaches a new thread only when that thread runs an ATen
+        parallel loop; a bare matmul goes to MKL, which then follows the OpenMP default the
+        library loaded with. Calling torch's own ``set_num_threads`` per thread would also clear
+        oneDNN caches, so the two native calls are made directly.
+        """
+        if not self.is_loaded():
+            return None
+        torch = sys.modules["torch"]
+        library_dir = Path(str(torch.__file__)).parent / "lib"
+        openmp = _symbol(
+            library_dir, ("libgomp*.so*", "libomp*.so*", "libiomp*.so*"), "omp_set_num_threads"
+        )
+        # The trailing underscore is MKL's Fortran interface, which takes a pointer in every
+        # build; the plain name is an alias of it in some builds and the C function in others.
+        mkl_local = _symbol(library_dir, ("libtorch_cpu.so",), "mkl_set_num_threads_local_")
+        lazy_init = torch.get_num_threads
+
+        def set_torch_threads(threads: int) -> None:
+            lazy_init()
+            if openmp is not None:
+                openmp(threads)
+            if mkl_local is not None:
+                mkl_local(ctypes.byref(ctypes.c_int(threads)))
+
+        return set_torch_threads
+
+
+def _symbol(directory: Path, patterns: tuple[str, ...], name: str) -> Callable[..., Any] | None:
+    """*name* from the first already-loaded library in *directory* that exports it."""
+    for pattern in patterns:
+        for path in sorted(directory.glob(pattern)):
+            try:
+                # RTLD_NOLOAD: only libraries torch already loaded; never load a second copy.
+                library = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            except OSError:
+                continue
+            function = getattr(library, name, None)
+            if function is not None:
+                return function  # type: ignore[no-any-return]
+    return None
+
 
 _registry_lock = threading.Lock()
 _registry: dict[str, RuntimeController] = {}
@@ -182,5 +255,6 @@ def registered_controllers() -> list[RuntimeController]:
         return list(_registry.values())
 
 
-register_controller(ThreadpoolctlController())
+# torch first: its set_num_threads also moves libgomp, whose original value must be read before.
 register_controller(TorchController())
+register_controller(ThreadpoolctlController())
