@@ -74,6 +74,15 @@ def unescape_mount_field(value: str) -> str:
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), value)
 
 
+def _lines(text: str) -> list[str]:
+    r"""Split kernel output at ``\n`` only; tolerate CRLF.
+
+    ``str.splitlines`` also splits at ``\r``, ``\x85``, ``\u2028`` and others, which the kernel
+    writes unescaped when they occur in mount and cgroup names.
+    """
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def parse_mountinfo(text: str) -> tuple[list[Mount], list[str]]:
     """Return the cgroup mounts in *text* and a warning for each line that could not be read.
 
@@ -82,10 +91,12 @@ def parse_mountinfo(text: str) -> tuple[list[Mount], list[str]]:
     """
     mounts: list[Mount] = []
     problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
-        fields = line.split()
+        # The kernel separates fields with single spaces and escapes only space, tab, newline
+        # and backslash in paths: any other character (\r, \x85, \xa0...) belongs to a path.
+        fields = [item for item in line.split(" ") if item]
         try:
             separator = fields.index("-", 6)
         except ValueError:
@@ -101,7 +112,7 @@ def parse_mountinfo(text: str) -> tuple[list[Mount], list[str]]:
         controllers = frozenset(
             option.removeprefix("name=")
             for option in super_options
-            if option not in ("rw", "ro") and "=" not in option or option.startswith("name=")
+            if (option not in ("rw", "ro") and "=" not in option) or option.startswith("name=")
         )
         mounts.append(
             Mount(
@@ -123,7 +134,7 @@ def parse_proc_cgroup(text: str) -> tuple[ProcCgroup, list[str]]:
     v1: dict[str, str] = {}
     v2: str | None = None
     problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         parts = line.split(":", 2)
@@ -175,7 +186,9 @@ def parse_cfs(quota_text: str, period_text: str) -> float | None:
     quota_tokens = quota_text.split()
     period_tokens = period_text.split()
     if len(quota_tokens) != 1:
-        raise ValueError(f"cpu.cfs_quota_us should hold one integer, got {quota_text.strip()[:80]!r}")
+        raise ValueError(
+            f"cpu.cfs_quota_us should hold one integer, got {quota_text.strip()[:80]!r}"
+        )
     if len(period_tokens) != 1:
         raise ValueError(
             f"cpu.cfs_period_us should hold one integer, got {period_text.strip()[:80]!r}"
@@ -194,8 +207,8 @@ def parse_cpu_list(text: str, *, max_cpu: int = 1 << 16) -> frozenset[int]:
     body = text.strip()
     if not body:
         return frozenset()
-    for chunk in body.split(","):
-        chunk = chunk.strip()
+    for raw_chunk in body.split(","):
+        chunk = raw_chunk.strip()
         match = re.fullmatch(r"([0-9]{1,6})(?:-([0-9]{1,6}))?", chunk)
         if match is None:
             raise ValueError(f"not a CPU list item: {chunk[:40]!r}")
@@ -230,6 +243,9 @@ class _Reader:
             return None
         except OSError as error:
             self.warnings.append(f"cannot read {path}: {error.strerror or error}")
+            return None
+        except ValueError as error:  # a NUL in the path (a ``\000`` escape in mountinfo)
+            self.warnings.append(f"cannot read {path!r}: {error}")
             return None
         self.files_read.append(path)
         if len(data) > _MAX_FILE_BYTES:

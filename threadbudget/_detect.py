@@ -172,7 +172,11 @@ def detect_budget(
         ignore_env_values=frozenset({"", "default"}),
     )
     rounding_setting: Setting[Rounding] = resolve(
-        rounding, (ENV_ROUNDING,), parse_rounding, "floor", argument_name="rounding",
+        rounding,
+        (ENV_ROUNDING,),
+        parse_rounding,
+        "floor",
+        argument_name="rounding",
         environ=environ,
     )
     reserve_setting: Setting[float] = resolve(

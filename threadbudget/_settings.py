@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar, get_args
@@ -47,6 +48,10 @@ MAX_CPUS = 1 << 16
 
 T = TypeVar("T")
 
+# ASCII only: str.isdecimal() and float() also take Unicode digits and "1_0".
+_WHOLE = re.compile(r"[0-9]{1,9}")
+_DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]*)?|\.[0-9]+")
+
 
 @dataclass(frozen=True)
 class Setting(Generic[T]):
@@ -67,7 +72,7 @@ def parse_positive_int(raw: object, what: str) -> int:
         raise ValueError(f"{what} must be a whole number >= 1, got {raw!r}")
     if isinstance(raw, int):
         value = raw
-    elif isinstance(raw, str) and raw.strip().isdecimal() and len(raw.strip()) <= 9:
+    elif isinstance(raw, str) and _WHOLE.fullmatch(raw.strip()):
         value = int(raw.strip())
     else:
         raise ValueError(f"{what} must be a whole number >= 1, got {raw!r}")
@@ -97,7 +102,12 @@ def parse_reserve(raw: object, what: str) -> float:
     if isinstance(raw, bool):
         raise ValueError(f"{what} must be a number of CPUs >= 0, got {raw!r}")
     try:
-        value = float(raw.strip()) if isinstance(raw, str) else float(raw)  # type: ignore[arg-type]
+        if isinstance(raw, str):
+            if not _DECIMAL.fullmatch(raw.strip()):
+                raise ValueError
+            value = float(raw.strip())
+        else:
+            value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a number of CPUs >= 0, got {raw!r}") from None
     if not math.isfinite(value) or value < 0 or value > MAX_CPUS:
