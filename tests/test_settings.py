@@ -377,3 +377,13 @@ def test_any_environment_gives_a_budget_and_never_raises(environ: dict[str, str]
         )
         unset = name in CPUS_VARS and value.strip().lower() in ("", "default")
         assert used or warned or shadowed or unset, (name, value, budget.warnings)
+
+
+def test_python_cpu_count_exported_by_threadbudget_is_not_an_override() -> None:
+    """A child of ``threadbudget run`` detects again instead of echoing its parent's budget."""
+    own = {"PYTHON_CPU_COUNT": "2", "THREADBUDGET_APPLIED": "OMP_NUM_THREADS=1,PYTHON_CPU_COUNT=2"}
+    budget = detect(environ=own)
+    assert budget.overrides == ()
+    assert budget.budget == 1
+    users = {"PYTHON_CPU_COUNT": "2", "THREADBUDGET_APPLIED": "PYTHON_CPU_COUNT=3"}
+    assert detect(environ=users).overrides[0].source == "env:PYTHON_CPU_COUNT"

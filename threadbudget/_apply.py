@@ -167,10 +167,12 @@ def apply_plan(
         _environ=env,
     )
     marker = parse_marker(env)
-    for name, value in planned_values(plan).items():
+    planned = planned_values(plan)
+    for name, value in planned.items():
         current = env.get(name)
         if current is not None and not set_by_us(name, env):
             applied.env_kept[name] = current
+            marker.pop(name, None)
             if current.strip() != value:
                 applied.env_conflicts.append(EnvConflict(name, current, value))
                 logger.info(
@@ -182,6 +184,11 @@ def apply_plan(
         env[name] = value
         applied.env_set[name] = value
         marker[name] = value
+    for name in [name for name in marker if name not in planned]:
+        # Exported by an earlier plan that this one no longer makes (passive waiting, T=1).
+        if set_by_us(name, env):
+            applied._previous_env[name] = env.pop(name)
+        del marker[name]
     applied._previous_env.setdefault(APPLIED_MARKER, env.get(APPLIED_MARKER))
     env[APPLIED_MARKER] = ",".join(f"{name}={value}" for name, value in sorted(marker.items()))
 

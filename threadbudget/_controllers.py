@@ -244,6 +244,7 @@ def register_controller(controller: RuntimeController) -> None:
 
 
 def unregister_controller(name: str) -> None:
+    """Remove the controller registered under *name*; ``KeyError`` if there is none."""
     with _registry_lock:
         if name not in _registry:
             raise KeyError(f"no controller named {name!r}; registered: {sorted(_registry)}")
@@ -251,6 +252,7 @@ def unregister_controller(name: str) -> None:
 
 
 def registered_controllers() -> list[RuntimeController]:
+    """The controllers ``apply_plan`` runs, in order (torch's first, then threadpoolctl's)."""
     with _registry_lock:
         return list(_registry.values())
 

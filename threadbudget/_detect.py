@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from ._settings import (
     parse_reserve,
     parse_rounding,
     resolve,
+    set_by_us,
 )
 from ._topology import read_topology
 from ._warnings import warn
@@ -162,9 +164,12 @@ def detect_budget(
     invalid environment values and unreadable cgroup files become warnings
     (:class:`ThreadBudgetWarning`) and are ignored. *root*, *pid* and *affinity* exist for tests.
     """
+    env = os.environ if environ is None else environ
+    # PYTHON_CPU_COUNT that threadbudget exported is its own output, not the user's choice.
+    own_count = set_by_us("PYTHON_CPU_COUNT", env)
     cpus_setting: Setting[int | None] = resolve(
         cpus,
-        (ENV_CPUS, "PYTHON_CPU_COUNT"),
+        (ENV_CPUS,) if own_count else (ENV_CPUS, "PYTHON_CPU_COUNT"),
         parse_positive_int,
         None,
         argument_name="cpus",

@@ -6,19 +6,22 @@ Each library reads its variables once, at load time, so these only help before t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from ._plan import Plan
+from ._settings import APPLIED_MARKER, parse_marker, set_by_us
 
-__all__ = ["APPLIED_MARKER", "NATIVE_ENV_VARS", "NativeEnvVar", "planned_values", "set_by_us"]
+__all__ = [
+    "APPLIED_MARKER",
+    "NATIVE_ENV_VARS",
+    "NativeEnvVar",
+    "parse_marker",
+    "planned_values",
+    "set_by_us",
+]
 
 Role = Literal["threads", "process", "budget", "passive", "single", "report"]
-
-# Lists NAME=VALUE pairs that threadbudget itself exported, so a child process (after
-# ``threadbudget run`` or a fork) can tell our values from the user's and re-plan them.
-APPLIED_MARKER = "THREADBUDGET_APPLIED"
 
 
 @dataclass(frozen=True)
@@ -109,18 +112,3 @@ def planned_values(plan: Plan) -> dict[str, str]:
         elif var.role == "single" and plan.threads == 1:
             values[var.name] = "false"
     return values
-
-
-def parse_marker(environ: Mapping[str, str]) -> dict[str, str]:
-    pairs: dict[str, str] = {}
-    for item in environ.get(APPLIED_MARKER, "").split(","):
-        name, sep, value = item.partition("=")
-        if sep and name:
-            pairs[name] = value
-    return pairs
-
-
-def set_by_us(name: str, environ: Mapping[str, str]) -> bool:
-    """True when *name* holds the value threadbudget itself exported (here or in a parent)."""
-    value = environ.get(name)
-    return value is not None and parse_marker(environ).get(name) == value

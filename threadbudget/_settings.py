@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar, get_args
 
 __all__ = [
+    "APPLIED_MARKER",
     "ENV_CONCURRENCY",
     "ENV_CPUS",
     "ENV_RESERVE",
@@ -25,11 +26,13 @@ __all__ = [
     "Rounding",
     "Setting",
     "WaitPolicy",
+    "parse_marker",
     "parse_positive_int",
     "parse_reserve",
     "parse_rounding",
     "parse_wait_policy",
     "resolve",
+    "set_by_us",
 ]
 
 Rounding = Literal["floor", "ceil", "nearest"]
@@ -42,6 +45,9 @@ ENV_CONCURRENCY = "THREADBUDGET_CONCURRENCY"
 ENV_WORKERS = "THREADBUDGET_WORKERS"
 ENV_THREADS = "THREADBUDGET_THREADS"
 ENV_WAIT_POLICY = "THREADBUDGET_WAIT_POLICY"
+# Lists NAME=VALUE pairs that threadbudget itself exported, so a child process (after
+# ``threadbudget run`` or a fork) can tell our values from the user's and re-plan them.
+APPLIED_MARKER = "THREADBUDGET_APPLIED"
 
 # Far above any real machine; refusing larger values catches typos such as 40000000.
 MAX_CPUS = 1 << 16
@@ -143,3 +149,19 @@ def resolve(
         except ValueError as error:
             problems.append(f"ignoring {name}={raw!r}: {error}")
     return Setting(default, "default", tuple(problems))
+
+
+def parse_marker(environ: Mapping[str, str]) -> dict[str, str]:
+    """The NAME=VALUE pairs threadbudget exported, from ``THREADBUDGET_APPLIED``."""
+    pairs: dict[str, str] = {}
+    for item in environ.get(APPLIED_MARKER, "").split(","):
+        name, sep, value = item.partition("=")
+        if sep and name:
+            pairs[name] = value
+    return pairs
+
+
+def set_by_us(name: str, environ: Mapping[str, str]) -> bool:
+    """True when *name* holds the value threadbudget itself exported (here or in a parent)."""
+    value = environ.get(name)
+    return value is not None and parse_marker(environ).get(name) == value
