@@ -9,12 +9,12 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ._controllers import RuntimeChange, registered_controllers
+from ._controllers import RuntimeChange, ThreadSetter, registered_controllers
 from ._envvars import APPLIED_MARKER, parse_marker, planned_values, set_by_us
 from ._plan import Plan, make_plan
 from ._warnings import warn
@@ -33,7 +33,7 @@ class _ThreadStartHook:
     itself from the thread after the first event, so the thread runs unprofiled.
     """
 
-    def __init__(self, setters: list[Callable[[int], None]], threads: int) -> None:
+    def __init__(self, setters: list[ThreadSetter], threads: int) -> None:
         self.setters = setters
         self.threads = threads
 
@@ -218,7 +218,7 @@ def _check_user_threads(applied: AppliedBudget, name: str, value: str) -> None:
 
 def _apply_runtime(applied: AppliedBudget) -> None:
     threads = applied.plan.threads
-    setters: list[Callable[[int], None]] = []
+    setters: list[ThreadSetter] = []
     for controller in registered_controllers():
         try:
             if not controller.is_loaded():

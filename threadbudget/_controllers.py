@@ -20,12 +20,17 @@ from typing import Any
 __all__ = [
     "RuntimeChange",
     "RuntimeController",
+    "ThreadSetter",
     "ThreadpoolctlController",
     "TorchController",
     "register_controller",
     "registered_controllers",
     "unregister_controller",
 ]
+
+
+#: Sets the calling thread's limit and returns the function that puts the old one back.
+ThreadSetter = Callable[[int], Callable[[], None]]
 
 
 @dataclass
@@ -58,12 +63,13 @@ class RuntimeController(ABC):
     def limit(self, threads: int) -> list[RuntimeChange]:
         """Set every loaded pool of this family to *threads*; return what changed."""
 
-    def thread_setter(self) -> Callable[[int], None] | None:
-        """A cheap function that sizes the *calling thread's* pools, or ``None``.
+    def thread_setter(self) -> ThreadSetter | None:
+        """A cheap function that sizes the *calling thread's* pools and returns an undo.
 
-        Only per-thread runtimes (OpenMP, thread-local MKL) need one; it is resolved once and
-        then called at the start of each thread, or on entering a slot, so it must cost
-        microseconds, not the hundreds threadpoolctl spends per call.
+        ``None`` when this family has no per-thread limit. Only per-thread runtimes (OpenMP,
+        thread-local MKL) need one; it is resolved once and then called at the start of each
+        thread, or on entering a slot, so it must cost microseconds, not the hundreds
+        threadpoolctl spends per call.
         """
         return None
 
@@ -114,20 +120,27 @@ class ThreadpoolctlController(RuntimeController):
             )
         return changes
 
-    def thread_setter(self) -> Callable[[int], None] | None:
+    def thread_setter(self) -> ThreadSetter | None:
         from threadpoolctl import ThreadpoolController
 
-        setters = [
-            lib.set_num_threads
+        runtimes = [
+            (lib.dynlib.omp_get_max_threads, lib.dynlib.omp_set_num_threads)
             for lib in ThreadpoolController().lib_controllers
             if lib.user_api == "openmp"
         ]
-        if not setters:
+        if not runtimes:
             return None
 
-        def set_openmp_threads(threads: int) -> None:
-            for setter in setters:
+        def set_openmp_threads(threads: int) -> Callable[[], None]:
+            previous = [(setter, getter()) for getter, setter in runtimes]
+            for _getter, setter in runtimes:
                 setter(threads)
+
+            def undo() -> None:
+                for setter, value in previous:
+                    setter(value)
+
+            return undo
 
         return set_openmp_threads
 
@@ -184,7 +197,7 @@ class TorchController(RuntimeController):
                 )
         return [change]
 
-    def thread_setter(self) -> Callable[[int], None] | None:
+    def thread_setter(self) -> ThreadSetter | None:
         """Run torch's lazy per-thread init, then size this thread's OpenMP team and MKL.
 
         ``torch.set_num_threads`` reaches a new thread only when that thread runs an ATen
@@ -196,20 +209,32 @@ class TorchController(RuntimeController):
             return None
         torch = sys.modules["torch"]
         library_dir = Path(str(torch.__file__)).parent / "lib"
-        openmp = _symbol(
-            library_dir, ("libgomp*.so*", "libomp*.so*", "libiomp*.so*"), "omp_set_num_threads"
-        )
+        openmp_libraries = ("libgomp*.so*", "libomp*.so*", "libiomp*.so*")
+        openmp_get = _symbol(library_dir, openmp_libraries, "omp_get_max_threads")
+        openmp_set = _symbol(library_dir, openmp_libraries, "omp_set_num_threads")
         # The trailing underscore is MKL's Fortran interface, which takes a pointer in every
         # build; the plain name is an alias of it in some builds and the C function in others.
+        # It returns the thread's previous local limit (0: none, follow the global one).
         mkl_local = _symbol(library_dir, ("libtorch_cpu.so",), "mkl_set_num_threads_local_")
         lazy_init = torch.get_num_threads
 
-        def set_torch_threads(threads: int) -> None:
+        def set_torch_threads(threads: int) -> Callable[[], None]:
             lazy_init()
-            if openmp is not None:
-                openmp(threads)
+            previous_openmp = None
+            if openmp_get is not None and openmp_set is not None:
+                previous_openmp = openmp_get()
+                openmp_set(threads)
+            previous_mkl = None
             if mkl_local is not None:
-                mkl_local(ctypes.byref(ctypes.c_int(threads)))
+                previous_mkl = mkl_local(ctypes.byref(ctypes.c_int(threads)))
+
+            def undo() -> None:
+                if previous_openmp is not None and openmp_set is not None:
+                    openmp_set(previous_openmp)
+                if previous_mkl is not None and mkl_local is not None:
+                    mkl_local(ctypes.byref(ctypes.c_int(previous_mkl)))
+
+            return undo
 
         return set_torch_threads
 
