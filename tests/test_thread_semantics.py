@@ -15,7 +15,7 @@ import pytest
 from .conftest import PYTHON, python_env
 
 PROBE = r"""
-import json, sys, warnings
+import json, sys, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 
 library, order, cpus, concurrency, kind = sys.argv[1:6]
@@ -44,6 +44,7 @@ if order != "after-import":
 op()  # let every pool start before measuring
 
 def busy():
+    time.sleep(0.4)  # let pool threads still spinning from the warm-up fall asleep
     return threadbudget.measure_busy_threads(op)[1].busy_count
 
 with ThreadPoolExecutor(1) as pool:

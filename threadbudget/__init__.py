@@ -12,10 +12,15 @@ from ._apply import apply_plan as apply_plan
 from ._controllers import RuntimeChange as RuntimeChange
 from ._controllers import RuntimeController as RuntimeController
 from ._controllers import ThreadpoolctlController as ThreadpoolctlController
+from ._controllers import ThreadSetter as ThreadSetter
 from ._controllers import TorchController as TorchController
 from ._controllers import register_controller as register_controller
 from ._controllers import registered_controllers as registered_controllers
 from ._controllers import unregister_controller as unregister_controller
+from ._coordinate import CpuExecutor as CpuExecutor
+from ._coordinate import CpuSlots as CpuSlots
+from ._coordinate import NativeThreadLimits as NativeThreadLimits
+from ._coordinate import set_default_thread_limiter as set_default_thread_limiter
 from ._detect import CpuBudget as CpuBudget
 from ._detect import Override as Override
 from ._detect import detect_budget as detect_budget
@@ -25,6 +30,11 @@ from ._envvars import NativeEnvVar as NativeEnvVar
 from ._info import collect_info as collect_info
 from ._plan import Plan as Plan
 from ._plan import make_plan as make_plan
+from ._slots import WAIT_BUCKETS as WAIT_BUCKETS
+from ._slots import ElasticRule as ElasticRule
+from ._slots import Grant as Grant
+from ._slots import PoolSnapshot as PoolSnapshot
+from ._slots import TokenPool as TokenPool
 from ._threads import ThreadActivity as ThreadActivity
 from ._threads import count_os_threads as count_os_threads
 from ._threads import measure_busy_threads as measure_busy_threads
@@ -33,17 +43,26 @@ from ._warnings import ThreadBudgetWarning as ThreadBudgetWarning
 
 __all__ = [
     "NATIVE_ENV_VARS",
+    "WAIT_BUCKETS",
     "AppliedBudget",
     "CpuBudget",
+    "CpuExecutor",
+    "CpuSlots",
+    "ElasticRule",
     "EnvConflict",
+    "Grant",
     "NativeEnvVar",
+    "NativeThreadLimits",
     "Override",
     "Plan",
+    "PoolSnapshot",
     "RuntimeChange",
     "RuntimeController",
     "ThreadActivity",
     "ThreadBudgetWarning",
+    "ThreadSetter",
     "ThreadpoolctlController",
+    "TokenPool",
     "TorchController",
     "__version__",
     "apply_plan",
@@ -55,5 +74,6 @@ __all__ = [
     "register_controller",
     "registered_controllers",
     "round_cpus",
+    "set_default_thread_limiter",
     "unregister_controller",
 ]

@@ -73,6 +73,14 @@ class RuntimeController(ABC):
         """
         return None
 
+    def process_setter(self) -> ThreadSetter | None:
+        """Like :meth:`thread_setter`, for pools shared by the whole process, or ``None``.
+
+        Changing a shared pool affects every thread, so slots call this only while one slot
+        holds the whole budget.
+        """
+        return None
+
 
 class ThreadpoolctlController(RuntimeController):
     """BLAS and OpenMP libraries as threadpoolctl finds them (OpenBLAS, MKL, BLIS, libgomp...).
@@ -131,18 +139,36 @@ class ThreadpoolctlController(RuntimeController):
         if not runtimes:
             return None
 
-        def set_openmp_threads(threads: int) -> Callable[[], None]:
-            previous = [(setter, getter()) for getter, setter in runtimes]
-            for _getter, setter in runtimes:
-                setter(threads)
+        return _setter_over(runtimes)
 
-            def undo() -> None:
-                for setter, value in previous:
-                    setter(value)
+    def process_setter(self) -> ThreadSetter | None:
+        from threadpoolctl import ThreadpoolController
 
-            return undo
+        pools = [
+            (lib.get_num_threads, lib.set_num_threads)
+            for lib in ThreadpoolController().lib_controllers
+            if lib.user_api != "openmp"
+        ]
+        return _setter_over(pools) if pools else None
 
-        return set_openmp_threads
+
+def _setter_over(
+    runtimes: list[tuple[Callable[[], Any], Callable[[int], Any]]],
+) -> ThreadSetter:
+    """One setter over several (getter, setter) pairs, undoing in reverse order."""
+
+    def set_threads(threads: int) -> Callable[[], None]:
+        previous = [(setter, getter()) for getter, setter in runtimes]
+        for _getter, setter in runtimes:
+            setter(threads)
+
+        def undo() -> None:
+            for setter, value in reversed(previous):
+                setter(value)
+
+        return undo
+
+    return set_threads
 
 
 class TorchController(RuntimeController):

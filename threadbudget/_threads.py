@@ -78,13 +78,15 @@ class ThreadActivity:
 
 
 def measure_busy_threads(
-    operation: Callable[[], R], *, min_share: float = 0.2, min_cpu_ns: int = 2_000_000
+    operation: Callable[[], R], *, min_share: float = 1 / 3, min_cpu_ns: int = 2_000_000
 ) -> tuple[R, ThreadActivity]:
     """Run *operation* and count the OS threads that did a real share of its CPU work.
 
     A thread counts when its CPU time grew by at least *min_cpu_ns* and by at least *min_share*
     of the busiest thread's growth, so idle pool threads waking briefly are not counted.
-    Threads that start and end inside the operation are not seen.
+    Threads that start and end inside the operation are not seen. Pool threads that spin after
+    an earlier operation (OpenBLAS and OpenMP do, for up to ~0.2 s) can be counted: measure
+    after a short pause.
     """
     before = sample()
     result = operation()

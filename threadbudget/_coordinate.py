@@ -1,0 +1,245 @@
+"""CPU slots: the token pool wired to native thread limits, executors and anyio worker threads.
+
+A unit of work that holds ``k`` tokens runs its per-thread native pools (OpenMP, torch's MKL)
+with ``k`` threads, in the thread that does the work. Process-wide pools (OpenBLAS pthreads,
+MKL's global setting, BLIS) cannot follow one thread's grant, so they run one thread except
+while a single slot holds the whole budget, when nobody else can be inside them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from ._controllers import ThreadSetter, registered_controllers
+from ._detect import CpuBudget
+from ._plan import Plan, make_plan
+from ._slots import Grant, Policy, TokenPool
+from ._warnings import warn
+
+__all__ = ["CpuExecutor", "CpuSlots", "NativeThreadLimits", "set_default_thread_limiter"]
+
+R = TypeVar("R")
+_Undo = Callable[[], None]
+
+
+class NativeThreadLimits:
+    """Sets the calling thread's native limits to a grant and puts them back afterwards.
+
+    The setters come from the registered controllers and are resolved again only when the set
+    of imported modules has changed (a new native library may have arrived), so entering costs
+    a few ctypes calls. Resolving also puts process-wide pools at one thread, their resting size
+    under slots.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._modules_seen = -1
+        self._thread_setters: tuple[ThreadSetter, ...] = ()
+        self._process_setters: tuple[ThreadSetter, ...] = ()
+
+    def refresh(self) -> None:
+        """Look for newly loaded native libraries now (otherwise done on the next import)."""
+        with self._lock:
+            self._modules_seen = -1
+        self._resolve()
+
+    def _resolve(self) -> None:
+        with self._lock:
+            modules = len(sys.modules)
+            if modules == self._modules_seen:
+                return
+            thread_setters: list[ThreadSetter] = []
+            process_setters: list[ThreadSetter] = []
+            for controller in registered_controllers():
+                try:
+                    if not controller.is_loaded():
+                        continue
+                    per_thread = controller.thread_setter()
+                    shared = controller.process_setter()
+                except Exception as error:  # one broken controller must not stop the work
+                    warn(f"controller {controller.name!r} failed to resolve: {error!r}")
+                    continue
+                if per_thread is not None:
+                    thread_setters.append(per_thread)
+                if shared is not None:
+                    process_setters.append(shared)
+                    shared(1)
+            self._thread_setters = tuple(thread_setters)
+            self._process_setters = tuple(process_setters)
+            self._modules_seen = modules
+
+    def enter(self, threads: int) -> list[_Undo]:
+        """Set this thread's limits to *threads*; the result goes to :meth:`exit`."""
+        if len(sys.modules) != self._modules_seen:
+            self._resolve()
+        undos = [setter(threads) for setter in self._thread_setters]
+        if threads == self._budget and threads > 1:
+            # The whole budget is held here, so no other slot can be inside a shared pool.
+            undos.extend(setter(threads) for setter in self._process_setters)
+        return undos
+
+    @staticmethod
+    def exit(undos: object) -> None:
+        assert isinstance(undos, list)
+        for undo in reversed(undos):
+            undo()
+
+
+def _size_of(budget: int | CpuBudget | Plan | None) -> int:
+    if budget is None:
+        return make_plan().process_budget
+    if isinstance(budget, Plan):
+        return budget.process_budget
+    if isinstance(budget, CpuBudget):
+        return budget.budget
+    return budget
+
+
+class CpuSlots(TokenPool):
+    """A :class:`TokenPool` whose slots also size the native thread pools of the work inside.
+
+    *budget* is a count, a :class:`CpuBudget`, a :class:`Plan` (its per-process share) or
+    ``None`` to detect and plan from the environment. The default policy is ``elastic``: a lone
+    request may use the whole budget, and grants shrink to one thread as load rises.
+
+    Entering a sync slot sets the calling thread's limits; :meth:`run_sync` and
+    :meth:`executor` run work in worker threads and set the limits there. Pass
+    ``native_limits=False`` for a plain token pool.
+    """
+
+    __slots__ = ("_limiter", "_limiter_token", "_native")
+
+    def __init__(
+        self,
+        budget: int | CpuBudget | Plan | None = None,
+        *,
+        policy: Policy = "elastic",
+        threads: int | None = None,
+        native_limits: bool = True,
+    ) -> None:
+        size = _size_of(budget)
+        self._native = NativeThreadLimits(size) if native_limits else None
+        super().__init__(
+            size,
+            threads=threads,
+            policy=policy,
+            on_enter=self._native.enter if self._native else None,
+            on_exit=self._native.exit if self._native else None,
+        )
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._limiter_token: object = None
+
+    @property
+    def native_limits(self) -> NativeThreadLimits | None:
+        return self._native
+
+    def thread_limiter(self) -> anyio.CapacityLimiter:
+        """The anyio limiter for this pool's worker threads, one per event loop.
+
+        It is separate from anyio's default limiter (40 threads, shared with every sync
+        endpoint, dependency and file operation), so CPU work queued here never holds up I/O.
+        It has as many tokens as the budget: the slot is taken first, so it never blocks.
+        """
+        token = anyio.lowlevel.current_token()
+        if self._limiter is None or self._limiter_token != token:
+            self._limiter = anyio.CapacityLimiter(self.budget)
+            self._limiter_token = token
+        return self._limiter
+
+    async def run_sync(
+        self,
+        function: Callable[..., R],
+        /,
+        *args: Any,
+        k: int | None = None,
+        timeout: float | None = None,
+    ) -> R:
+        """Run ``function(*args)`` in a worker thread inside a slot, from async code.
+
+        Waits for the slot in the event loop (cancellable, FIFO with every other waiter), then
+        runs the call in a thread of :meth:`thread_limiter` with its native limits set to the
+        grant. ``timeout`` bounds the wait for the slot, not the call.
+        """
+        async with self.async_slot(k, timeout=timeout) as grant:
+            return await anyio.to_thread.run_sync(
+                functools.partial(self._call_in_worker, grant, function, args),
+                limiter=self.thread_limiter(),
+            )
+
+    def _call_in_worker(self, grant: Grant, function: Callable[..., R], args: tuple[Any, ...]) -> R:
+        if self._native is None:
+            return function(*args)
+        undos = self._native.enter(int(grant))
+        try:
+            return function(*args)
+        finally:
+            self._native.exit(undos)
+
+    def executor(
+        self, max_workers: int | None = None, *, k: int | None = None, timeout: float | None = None
+    ) -> CpuExecutor:
+        """A :class:`concurrent.futures.Executor` whose workers run each job in a slot."""
+        return CpuExecutor(self, max_workers, k=k, timeout=timeout)
+
+
+class CpuExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool whose every job runs inside a slot of *pool*.
+
+    Workers default to the pool's budget: more would only wait for tokens. Jobs start in
+    submission order (the executor's queue, then the pool's FIFO).
+    """
+
+    def __init__(
+        self,
+        pool: TokenPool,
+        max_workers: int | None = None,
+        *,
+        k: int | None = None,
+        timeout: float | None = None,
+        thread_name_prefix: str = "threadbudget-cpu",
+    ) -> None:
+        super().__init__(max_workers or pool.budget, thread_name_prefix=thread_name_prefix)
+        self._pool = pool
+        self._slot_k = k
+        self._slot_timeout = timeout
+        pool.slot(k, timeout=timeout)  # validate k and timeout now, not in a worker
+
+    def submit(
+        self, fn: Callable[..., R], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[R]:
+        return super().submit(self._in_slot, fn, args, kwargs)
+
+    def _in_slot(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        with self._pool.slot(self._slot_k, timeout=self._slot_timeout):
+            return fn(*args, **kwargs)
+
+
+def set_default_thread_limiter(total_tokens: int) -> int:
+    """Resize anyio's default worker-thread limiter for the running event loop.
+
+    Starlette and FastAPI run every sync endpoint, dependency and background task through it
+    (40 threads by default). Call it inside the event loop, e.g. in a lifespan handler; returns
+    the previous size.
+    """
+    if isinstance(total_tokens, bool) or not isinstance(total_tokens, int) or total_tokens < 1:
+        raise ValueError(f"total_tokens must be a whole number >= 1, got {total_tokens!r}")
+    try:
+        limiter = anyio.to_thread.current_default_thread_limiter()
+    except RuntimeError as error:  # no running loop (sniffio / anyio say so)
+        raise RuntimeError(
+            "set_default_thread_limiter() must be called from inside a running event loop "
+            "(for example in the application's lifespan handler)"
+        ) from error
+    previous = int(limiter.total_tokens)
+    limiter.total_tokens = total_tokens
+    return previous
