@@ -21,6 +21,7 @@ from ._coordinate import CpuExecutor as CpuExecutor
 from ._coordinate import CpuSlots as CpuSlots
 from ._coordinate import NativeThreadLimits as NativeThreadLimits
 from ._coordinate import set_default_thread_limiter as set_default_thread_limiter
+from ._coordinate import sized_by_grant as sized_by_grant
 from ._detect import CpuBudget as CpuBudget
 from ._detect import Override as Override
 from ._detect import detect_budget as detect_budget
@@ -75,5 +76,6 @@ __all__ = [
     "registered_controllers",
     "round_cpus",
     "set_default_thread_limiter",
+    "sized_by_grant",
     "unregister_controller",
 ]

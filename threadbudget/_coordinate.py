@@ -13,7 +13,8 @@ import functools
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from contextvars import ContextVar, Token
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -25,9 +26,18 @@ from ._plan import Plan, make_plan
 from ._slots import Grant, Policy, TokenPool
 from ._warnings import warn
 
-__all__ = ["CpuExecutor", "CpuSlots", "NativeThreadLimits", "set_default_thread_limiter"]
+__all__ = [
+    "CpuExecutor",
+    "CpuSlots",
+    "NativeThreadLimits",
+    "activate",
+    "deactivate",
+    "set_default_thread_limiter",
+    "sized_by_grant",
+]
 
 R = TypeVar("R")
+P = ParamSpec("P")
 _Undo = Callable[[], None]
 
 
@@ -172,16 +182,34 @@ class CpuSlots(TokenPool):
         """
         async with self.async_slot(k, timeout=timeout) as grant:
             return await anyio.to_thread.run_sync(
-                functools.partial(self._call_in_worker, grant, function, args),
+                functools.partial(self._with_native_limits, grant, function, args, {}),
                 limiter=self.thread_limiter(),
             )
 
-    def _call_in_worker(self, grant: Grant, function: Callable[..., R], args: tuple[Any, ...]) -> R:
+    def call_sized(self, function: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """Call *function* in this thread with its native limits set to the current grant.
+
+        The grant is the one held in this context (a request admitted by the middleware, an
+        enclosing slot in another thread or task); without one, the call takes a slot first.
+        """
+        grant = self.current_grant()
+        if grant is None:
+            with self.slot():
+                return function(*args, **kwargs)
+        return self._with_native_limits(grant, function, args, kwargs)
+
+    def _with_native_limits(
+        self,
+        grant: Grant,
+        function: Callable[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
         if self._native is None:
-            return function(*args)
+            return function(*args, **kwargs)
         undos = self._native.enter(int(grant))
         try:
-            return function(*args)
+            return function(*args, **kwargs)
         finally:
             self._native.exit(undos)
 
@@ -222,6 +250,37 @@ class CpuExecutor(concurrent.futures.ThreadPoolExecutor):
     def _in_slot(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         with self._pool.slot(self._slot_k, timeout=self._slot_timeout):
             return fn(*args, **kwargs)
+
+
+_active_slots: ContextVar[CpuSlots | None] = ContextVar("threadbudget_active_slots", default=None)
+
+
+def activate(slots: CpuSlots) -> Token[CpuSlots | None]:
+    """Make *slots* the pool that :func:`sized_by_grant` uses in this context (middleware)."""
+    return _active_slots.set(slots)
+
+
+def deactivate(token: Token[CpuSlots | None]) -> None:
+    _active_slots.reset(token)
+
+
+def sized_by_grant(function: Callable[P, R]) -> Callable[P, R]:
+    """Run a sync function with native limits set to the grant of the request it serves.
+
+    For sync endpoints that frameworks run in worker threads: the middleware holds the slot in
+    the request's context, anyio copies that context into the worker thread, and this wrapper
+    sets the worker's OpenMP/MKL limits to the grant for the call. Outside a request admitted
+    by threadbudget it calls *function* unchanged.
+    """
+
+    @functools.wraps(function)
+    def sized(*args: P.args, **kwargs: P.kwargs) -> R:
+        slots = _active_slots.get()
+        if slots is None:
+            return function(*args, **kwargs)
+        return slots.call_sized(function, *args, **kwargs)
+
+    return sized
 
 
 def set_default_thread_limiter(total_tokens: int) -> int:

@@ -457,6 +457,15 @@ class TokenPool:
         """Tokens per slot under ``static``; the largest elastic grant under ``elastic``."""
         return self._threads
 
+    def current_grant(self) -> Grant | None:
+        """The grant of the slot of this pool held in the current context, if any.
+
+        Visible in child tasks and in worker threads that inherited the context (anyio copies
+        it into ``to_thread`` workers), which is how a grant reaches the thread doing the work.
+        """
+        held = self._held.get()
+        return held._grant if held is not None and held._live else None
+
     def slot(self, k: int | None = None, *, timeout: float | None = None) -> Slot:
         """Hold tokens for a ``with`` block; raises ``TimeoutError`` after ``timeout`` seconds."""
         return Slot(self, self._want(k), _check_timeout(timeout))

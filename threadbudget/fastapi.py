@@ -1,0 +1,45 @@
+"""FastAPI integration (needs the ``web`` extra): sync endpoints run with their request's grant.
+
+FastAPI runs a sync ``def`` endpoint in a worker thread; native thread limits belong to a
+thread, so the grant the middleware took for the request has to be applied there::
+
+    from fastapi import FastAPI
+    from threadbudget.asgi import BudgetMiddleware
+    from threadbudget.fastapi import BudgetRoute
+
+    app = FastAPI()
+    app.router.route_class = BudgetRoute      # before the routes are declared
+    app.add_middleware(BudgetMiddleware)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ._coordinate import sized_by_grant
+
+try:
+    from fastapi.routing import APIRoute
+except ModuleNotFoundError as error:  # pragma: no cover - exercised with fastapi hidden
+    raise ModuleNotFoundError(
+        "threadbudget.fastapi needs FastAPI: pip install 'threadbudget[web]'", name=error.name
+    ) from error
+
+__all__ = ["BudgetRoute"]
+
+
+class BudgetRoute(APIRoute):
+    """An ``APIRoute`` whose sync endpoints run with native limits set to the request's grant.
+
+    Async endpoints are left alone: they run on the event loop, and CPU work inside them should
+    go through ``CpuSlots.run_sync``, which applies the grant in its worker thread.
+    """
+
+    def __init__(self, path: str, endpoint: Any, **kwargs: Any) -> None:
+        if callable(endpoint) and not (
+            inspect.iscoroutinefunction(endpoint)
+            or inspect.iscoroutinefunction(getattr(endpoint, "__call__", None))  # noqa: B004
+        ):
+            endpoint = sized_by_grant(endpoint)
+        super().__init__(path, endpoint, **kwargs)
