@@ -28,9 +28,11 @@ from ._detect import detect_budget as detect_budget
 from ._detect import round_cpus as round_cpus
 from ._envvars import NATIVE_ENV_VARS as NATIVE_ENV_VARS
 from ._envvars import NativeEnvVar as NativeEnvVar
+from ._forksafety import install_fork_safety as install_fork_safety
 from ._info import collect_info as collect_info
 from ._plan import Plan as Plan
 from ._plan import make_plan as make_plan
+from ._plan import worker_share as worker_share
 from ._slots import WAIT_BUCKETS as WAIT_BUCKETS
 from ._slots import ElasticRule as ElasticRule
 from ._slots import Grant as Grant
@@ -41,6 +43,7 @@ from ._threads import count_os_threads as count_os_threads
 from ._threads import measure_busy_threads as measure_busy_threads
 from ._version import __version__ as __version__
 from ._warnings import ThreadBudgetWarning as ThreadBudgetWarning
+from ._workers import apply_worker_budget as apply_worker_budget
 
 __all__ = [
     "NATIVE_ENV_VARS",
@@ -67,9 +70,11 @@ __all__ = [
     "TorchController",
     "__version__",
     "apply_plan",
+    "apply_worker_budget",
     "collect_info",
     "count_os_threads",
     "detect_budget",
+    "install_fork_safety",
     "make_plan",
     "measure_busy_threads",
     "register_controller",
@@ -78,4 +83,5 @@ __all__ = [
     "set_default_thread_limiter",
     "sized_by_grant",
     "unregister_controller",
+    "worker_share",
 ]

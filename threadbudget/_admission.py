@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ._coordinate import CpuSlots
+from ._forksafety import track_for_fork
 
 __all__ = ["DEFAULT_EXEMPT_PATHS", "Admission", "Rejection"]
 
@@ -73,6 +74,11 @@ class Admission:
         self.rejected_full = 0
         self.rejected_timeout = 0
         self.disconnected = 0
+        track_for_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._queued = 0
 
     def is_exempt(self, path: str) -> bool:
         if self.exempt is not None and self.exempt(path):

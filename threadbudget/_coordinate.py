@@ -22,6 +22,7 @@ import anyio.to_thread
 
 from ._controllers import ThreadSetter, registered_controllers
 from ._detect import CpuBudget
+from ._forksafety import track_for_fork
 from ._plan import Plan, make_plan
 from ._slots import Grant, Policy, TokenPool
 from ._warnings import warn
@@ -56,6 +57,12 @@ class NativeThreadLimits:
         self._modules_seen = -1
         self._thread_setters: tuple[ThreadSetter, ...] = ()
         self._process_setters: tuple[ThreadSetter, ...] = ()
+        track_for_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent may have forked while resolving; the child resolves again on first use.
+        self._lock = threading.Lock()
+        self._modules_seen = -1
 
     def refresh(self) -> None:
         """Look for newly loaded native libraries now (otherwise done on the next import)."""

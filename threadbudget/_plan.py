@@ -11,16 +11,18 @@ from ._settings import (
     ENV_CONCURRENCY,
     ENV_THREADS,
     ENV_WAIT_POLICY,
+    ENV_WORKER_INDEX,
     ENV_WORKERS,
     Setting,
     WaitPolicy,
+    parse_index,
     parse_positive_int,
     parse_wait_policy,
     resolve,
 )
 from ._warnings import warn
 
-__all__ = ["Plan", "make_plan"]
+__all__ = ["Plan", "make_plan", "worker_share"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,19 @@ class Plan:
         return "\n".join(lines)
 
 
+def worker_share(budget: int, workers: int, index: int | None = None) -> int:
+    """CPUs for worker *index* of *workers* sharing *budget*: the remainder goes to the first.
+
+    Without an index (the worker does not know its rank) every worker gets ``budget //
+    workers``, which never oversubscribes. Never below 1.
+    """
+    if index is None:
+        return max(1, budget // workers)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"worker_index must be a whole number >= 0, got {index!r}")
+    return max(1, budget // workers + (1 if index % workers < budget % workers else 0))
+
+
 def make_plan(
     budget: CpuBudget | int | None = None,
     *,
@@ -75,6 +90,7 @@ def make_plan(
     workers: int | None = None,
     threads: int | None = None,
     wait_policy: WaitPolicy | None = None,
+    worker_index: int | None = None,
     environ: Mapping[str, str] | None = None,
     emit_warnings: bool = True,
 ) -> Plan:
@@ -84,6 +100,11 @@ def make_plan(
     other argument falls back to its ``THREADBUDGET_*`` environment variable, then to 1
     (``threads``: derived; ``wait_policy``: ``auto``, passive when more than one task runs at
     once). An explicit *threads* wins even when it oversubscribes, and the plan says so.
+
+    ``workers`` also falls back to ``WEB_CONCURRENCY`` (what gunicorn and uvicorn read for
+    their worker count). With *worker_index* (0-based; ``THREADBUDGET_WORKER_INDEX``) this
+    process gets its exact share: ``budget // workers``, plus one for the first
+    ``budget % workers`` workers.
     """
     if budget is None:
         budget = detect_budget(environ=environ, emit_warnings=emit_warnings)
@@ -99,7 +120,12 @@ def make_plan(
         environ=environ,
     )
     workers_setting = resolve(
-        workers, (ENV_WORKERS,), parse_positive_int, 1, argument_name="workers", environ=environ
+        workers,
+        (ENV_WORKERS, "WEB_CONCURRENCY"),
+        parse_positive_int,
+        1,
+        argument_name="workers",
+        environ=environ,
     )
     threads_setting = resolve(
         threads, (ENV_THREADS,), parse_positive_int, 0, argument_name="threads", environ=environ
@@ -125,7 +151,18 @@ def make_plan(
 
     c = concurrency_setting.value
     w = workers_setting.value
-    process_budget = max(1, total // w)
+    index_setting = resolve(
+        worker_index,
+        (ENV_WORKER_INDEX,),
+        parse_index,
+        None,
+        argument_name="worker_index",
+        environ=environ,
+    )
+    if emit_warnings:
+        for problem in index_setting.problems:
+            warn(problem)
+    process_budget = worker_share(total, w, index_setting.value)
     notes: list[str] = []
     if w > total:
         notes.append(

@@ -23,9 +23,11 @@ __all__ = [
     "ENV_THREADS",
     "ENV_WAIT_POLICY",
     "ENV_WORKERS",
+    "ENV_WORKER_INDEX",
     "Rounding",
     "Setting",
     "WaitPolicy",
+    "parse_index",
     "parse_marker",
     "parse_positive_int",
     "parse_reserve",
@@ -45,6 +47,7 @@ ENV_CONCURRENCY = "THREADBUDGET_CONCURRENCY"
 ENV_WORKERS = "THREADBUDGET_WORKERS"
 ENV_THREADS = "THREADBUDGET_THREADS"
 ENV_WAIT_POLICY = "THREADBUDGET_WAIT_POLICY"
+ENV_WORKER_INDEX = "THREADBUDGET_WORKER_INDEX"
 # Lists NAME=VALUE pairs that threadbudget itself exported, so a child process (after
 # ``threadbudget run`` or a fork) can tell our values from the user's and re-plan them.
 APPLIED_MARKER = "THREADBUDGET_APPLIED"
@@ -85,6 +88,15 @@ def parse_positive_int(raw: object, what: str) -> int:
     if not 1 <= value <= MAX_CPUS:
         raise ValueError(f"{what} must be between 1 and {MAX_CPUS}, got {raw!r}")
     return value
+
+
+def parse_index(raw: object, what: str) -> int:
+    """A 0-based index: a whole number >= 0."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < MAX_CPUS:
+        return raw
+    if isinstance(raw, str) and _WHOLE.fullmatch(raw.strip()) and int(raw) < MAX_CPUS:
+        return int(raw)
+    raise ValueError(f"{what} must be a whole number >= 0, got {raw!r}")
 
 
 def parse_rounding(raw: object, what: str) -> Rounding:

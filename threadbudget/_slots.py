@@ -46,6 +46,7 @@ from typing import Any, Final, Literal, TypeVar, cast, get_args
 import anyio
 import anyio.lowlevel
 
+from ._forksafety import track_for_fork
 from ._warnings import warn
 
 __all__ = [
@@ -241,6 +242,7 @@ class _SlotBase:
 
     __slots__ = (
         "_ctx_token",
+        "_epoch",
         "_grant",
         "_live",
         "_nested",
@@ -261,6 +263,7 @@ class _SlotBase:
         self._nested = False
         self._ctx_token: Token[_SlotBase | None] | None = None
         self._restore: object = None
+        self._epoch = pool._epoch
 
     @property
     def grant(self) -> Grant | None:
@@ -309,7 +312,9 @@ class _SlotBase:
             if call_hook and pool._on_exit is not None:
                 pool._on_exit(self._restore)
         finally:
-            pool._release(int(grant))
+            # A slot entered before a fork holds tokens of the parent's pool, not the child's.
+            if self._epoch == pool._epoch:
+                pool._release(int(grant))
 
 
 class Slot(_SlotBase):
@@ -381,9 +386,11 @@ class TokenPool:
     """
 
     __slots__ = (
+        "__weakref__",
         "_budget",
         "_by_size",
         "_cancellations",
+        "_epoch",
         "_free",
         "_grants",
         "_grants_total",
@@ -436,11 +443,34 @@ class TokenPool:
         self._wait_counts = [0] * len(WAIT_BUCKETS)
         self._wait_total = 0.0
         self._grants: dict[int, Grant] = {}
+        self._epoch = 0
         # One variable per pool (pools are few and long-lived), so nesting is tracked per pool
         # and a lookup is a single ContextVar.get.
         self._held: ContextVar[_SlotBase | None] = ContextVar(
             f"threadbudget_slot_{id(self):x}", default=None
         )
+
+        track_for_fork(self)
+
+    def _after_fork_in_child(self) -> None:
+        """Start the child with a fresh pool: no holders, no waiters, no lock held.
+
+        A thread of the parent may have held the lock or tokens at the fork; in the child that
+        thread does not exist, so both would be lost for good. Slots entered before the fork
+        release nothing here (their epoch is the parent's).
+        """
+        self._lock = threading.Lock()
+        self._waiters = deque()
+        self._free = self._budget
+        self._holders = 0
+        self._grants_total = 0
+        self._by_size = [0] * (self._budget + 1)
+        self._timeouts = 0
+        self._cancellations = 0
+        self._wait_counts = [0] * len(WAIT_BUCKETS)
+        self._wait_total = 0.0
+        self._epoch += 1
+        self._held = ContextVar(f"threadbudget_slot_{id(self):x}_{self._epoch}", default=None)
 
     # -- public API -------------------------------------------------------------------------
 
