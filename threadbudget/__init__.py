@@ -43,6 +43,8 @@ from ._threads import count_os_threads as count_os_threads
 from ._threads import measure_busy_threads as measure_busy_threads
 from ._version import __version__ as __version__
 from ._warnings import ThreadBudgetWarning as ThreadBudgetWarning
+from ._watchdog import Watchdog as Watchdog
+from ._watchdog import WatchdogSnapshot as WatchdogSnapshot
 from ._workers import apply_worker_budget as apply_worker_budget
 
 __all__ = [
@@ -68,6 +70,8 @@ __all__ = [
     "ThreadpoolctlController",
     "TokenPool",
     "TorchController",
+    "Watchdog",
+    "WatchdogSnapshot",
     "__version__",
     "apply_plan",
     "apply_worker_budget",

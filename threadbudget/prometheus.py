@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._slots import TokenPool
+from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["PoolCollector", "register_pool"]
+__all__ = ["PoolCollector", "WatchdogCollector", "register_pool", "register_watchdog"]
 
 
 def _prometheus() -> Any:
@@ -99,6 +100,55 @@ def register_pool(
 ) -> PoolCollector:
     """Expose *pool* on *registry* (prometheus-client's default registry if omitted)."""
     collector = PoolCollector(pool, name=name, namespace=namespace)
+    if registry is None:
+        registry = _prometheus().REGISTRY
+    registry.register(collector)
+    return collector
+
+
+class WatchdogCollector:
+    """A prometheus-client collector for a :class:`Watchdog`."""
+
+    def __init__(self, watchdog: Watchdog, *, namespace: str = "threadbudget") -> None:
+        if not isinstance(watchdog, Watchdog):
+            raise TypeError(f"expected a Watchdog, got {watchdog!r}")
+        self._core = _prometheus()
+        self.watchdog = watchdog
+        self.namespace = namespace
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Any]:
+        core = self._core
+        snapshot = self.watchdog.snapshot()
+        prefix = self.namespace
+        for name, documentation, value in (
+            ("runnable_threads", "Runnable OS threads at the last sample.", snapshot.last_runnable),
+            ("runnable_threads_peak", "Most runnable OS threads seen.", snapshot.peak_runnable),
+            ("os_threads_peak", "Most OS threads seen in the process.", snapshot.peak_threads),
+        ):
+            yield core.GaugeMetricFamily(f"{prefix}_{name}", documentation, value=value)
+        yield core.CounterMetricFamily(
+            f"{prefix}_oversubscribed_seconds",
+            "Seconds sampled with more runnable threads than the budget.",
+            value=snapshot.oversubscribed_seconds,
+        )
+        yield core.CounterMetricFamily(
+            f"{prefix}_oversubscription_warnings",
+            "Persistent oversubscription warnings logged.",
+            value=snapshot.warnings,
+        )
+
+
+def register_watchdog(
+    watchdog: Watchdog,
+    *,
+    registry: CollectorRegistry | None = None,
+    namespace: str = "threadbudget",
+) -> WatchdogCollector:
+    """Expose *watchdog* on *registry* (prometheus-client's default registry if omitted)."""
+    collector = WatchdogCollector(watchdog, namespace=namespace)
     if registry is None:
         registry = _prometheus().REGISTRY
     registry.register(collector)
