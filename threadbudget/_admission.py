@@ -49,18 +49,26 @@ class Admission:
             max_queue = 8 * slots.budget
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
-        if queue_timeout is not None and not (
-            isinstance(queue_timeout, int | float) and queue_timeout > 0
+        if queue_timeout is not None and (
+            isinstance(queue_timeout, bool)
+            or not isinstance(queue_timeout, int | float)
+            or not queue_timeout > 0
         ):
             raise ValueError(
                 f"queue_timeout must be a number of seconds > 0, got {queue_timeout!r}"
             )
         if status_code not in (429, 503):
             raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+        if isinstance(exempt_paths, str | bytes):
+            raise TypeError(f"exempt_paths must be a collection of paths, not {exempt_paths!r}")
         paths = tuple(exempt_paths)
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ValueError(f"exempt paths must start with '/', got {path!r}")
+        # "/metrics/" and "/metrics" mean the same route and everything below it.
+        paths = tuple(path.rstrip("/") or "/" for path in paths)
+        if exempt is not None and not callable(exempt):
+            raise TypeError(f"exempt must be a callable taking the path, got {exempt!r}")
         self.slots = slots
         self.max_queue = max_queue
         self.queue_timeout = None if queue_timeout is None else float(queue_timeout)
@@ -83,12 +91,12 @@ class Admission:
     def is_exempt(self, path: str) -> bool:
         if self.exempt is not None and self.exempt(path):
             return True
-        return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.exempt_paths)
+        return any(p in (path, "/") or path.startswith(p + "/") for p in self.exempt_paths)
 
     def try_enqueue(self) -> bool:
-        """Count one more waiter, or refuse when the queue is full."""
+        """Count one more waiter, or refuse when the queue is full and it would have to wait."""
         with self._lock:
-            if self._queued >= self.max_queue and self.slots.snapshot().free == 0:
+            if self._queued >= self.max_queue and self.slots.would_wait():
                 self.rejected_full += 1
                 return False
             self._queued += 1

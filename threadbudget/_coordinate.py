@@ -130,7 +130,9 @@ class CpuSlots(TokenPool):
     request may use the whole budget, and grants shrink to one thread as load rises.
 
     Entering a sync slot sets the calling thread's limits; :meth:`run_sync` and
-    :meth:`executor` run work in worker threads and set the limits there. Pass
+    :meth:`executor` run work in worker threads and set the limits there. An async slot only
+    holds tokens: the event loop's thread is shared by every task, so CPU work under an async
+    slot belongs in :meth:`run_sync` (or a sync endpoint wrapped by :func:`sized_by_grant`). Pass
     ``native_limits=False`` for a plain token pool.
     """
 
@@ -152,6 +154,9 @@ class CpuSlots(TokenPool):
             policy=policy,
             on_enter=self._native.enter if self._native else None,
             on_exit=self._native.exit if self._native else None,
+            # Async slots share the event loop's thread; their limits are applied in the worker
+            # thread that runs the work (run_sync, sized_by_grant) instead.
+            async_hooks=False,
         )
         self._limiter: anyio.CapacityLimiter | None = None
         self._limiter_token: object = None

@@ -108,6 +108,10 @@ class Grant(int):
     def __repr__(self) -> str:
         return f"Grant(threads={int(self)})"
 
+    def __str__(self) -> str:
+        # The number, so os.environ["OMP_NUM_THREADS"] = str(grant) does what it says.
+        return str(int(self))
+
 
 @dataclass(frozen=True, slots=True)
 class ElasticRule:
@@ -244,6 +248,7 @@ class _SlotBase:
         "_ctx_token",
         "_epoch",
         "_grant",
+        "_hooked",
         "_live",
         "_nested",
         "_pool",
@@ -264,6 +269,7 @@ class _SlotBase:
         self._ctx_token: Token[_SlotBase | None] | None = None
         self._restore: object = None
         self._epoch = pool._epoch
+        self._hooked = False
 
     @property
     def grant(self) -> Grant | None:
@@ -280,13 +286,14 @@ class _SlotBase:
             return outer
         return None
 
-    def _entered(self, k: int) -> Grant:
+    def _entered(self, k: int, *, hooks: bool = True) -> Grant:
         pool = self._pool
         grant = pool._grant_of(k)
         self._grant = grant
         self._live = True
         self._ctx_token = pool._held.set(self)
-        if pool._on_enter is not None:
+        if hooks and pool._on_enter is not None:
+            self._hooked = True
             try:
                 self._restore = pool._on_enter(k)
             except BaseException:
@@ -309,7 +316,7 @@ class _SlotBase:
             # tasks); the stale entry is harmless because _live is now False.
             pass
         try:
-            if call_hook and pool._on_exit is not None:
+            if call_hook and self._hooked and pool._on_exit is not None:
                 pool._on_exit(self._restore)
         finally:
             # A slot entered before a fork holds tokens of the parent's pool, not the child's.
@@ -353,7 +360,8 @@ class AsyncSlot(_SlotBase):
         # token should cost microseconds, not a trip through the event loop. A task that is
         # already cancelled still must not get tokens, hence this cheap check.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        return self._entered(await self._pool._acquire_async(self._want, self._timeout))
+        k = await self._pool._acquire_async(self._want, self._timeout)
+        return self._entered(k, hooks=self._pool._async_hooks)
 
     async def __aexit__(
         self,
@@ -382,11 +390,13 @@ class TokenPool:
     ``on_enter(k)`` runs in the thread or task that enters a (non-nested) slot, after the grant,
     and its result is passed to ``on_exit`` when that slot exits, before the tokens are released;
     they are where per-thread native thread limits get set and restored. For an async slot they
-    run on the event loop's thread.
+    run on the event loop's thread, unless ``async_hooks=False``: many tasks enter and leave in
+    any order on that one thread, so per-thread settings made there cannot be restored right.
     """
 
     __slots__ = (
         "__weakref__",
+        "_async_hooks",
         "_budget",
         "_by_size",
         "_cancellations",
@@ -417,6 +427,7 @@ class TokenPool:
         policy: Policy = "static",
         on_enter: Callable[[int], object] | None = None,
         on_exit: Callable[[object], None] | None = None,
+        async_hooks: bool = True,
     ) -> None:
         budget = _positive_int("budget", budget, None)
         if policy not in get_args(Policy):
@@ -432,6 +443,7 @@ class TokenPool:
         self._want_default = threads if policy == "static" else 0
         self._on_enter = on_enter
         self._on_exit = on_exit
+        self._async_hooks = async_hooks
         self._lock = threading.Lock()
         self._waiters: deque[_Waiter] = deque()
         self._free = budget
@@ -486,6 +498,12 @@ class TokenPool:
     def threads(self) -> int:
         """Tokens per slot under ``static``; the largest elastic grant under ``elastic``."""
         return self._threads
+
+    def would_wait(self, k: int | None = None) -> bool:
+        """Whether a slot asked for now would have to queue (a snapshot: it may change)."""
+        want = self._want(k)
+        with self._lock:
+            return bool(self._waiters) or self._free < max(want, 1)
 
     def current_grant(self) -> Grant | None:
         """The grant of the slot of this pool held in the current context, if any.

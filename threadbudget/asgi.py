@@ -131,18 +131,37 @@ class BudgetMiddleware:
                     wait_scope.cancel()
                     return
 
+        dequeued = False
+
+        def leave_queue() -> None:
+            # Right when the wait ends, not after the watcher stops: a request arriving in
+            # between must not count this one as queued.
+            nonlocal dequeued
+            if not dequeued:
+                dequeued = True
+                admission.dequeue(
+                    admitted=grant is not None, timed_out=timed_out, gone=disconnected
+                )
+
         try:
-            async with anyio.create_task_group() as watchers:
-                wait_scope = anyio.CancelScope()
-                watchers.start_soon(watch_for_disconnect, wait_scope)
-                with wait_scope:
-                    try:
-                        grant = await slot.__aenter__()
-                    except TimeoutError:
-                        timed_out = True
-                watchers.cancel_scope.cancel()
+            if not self.slots.would_wait():
+                # Free tokens and nobody queued: no wait to watch.
+                grant = await slot.__aenter__()
+                leave_queue()
+            else:
+                async with anyio.create_task_group() as watchers:
+                    wait_scope = anyio.CancelScope()
+                    watchers.start_soon(watch_for_disconnect, wait_scope)
+                    with wait_scope:
+                        try:
+                            grant = await slot.__aenter__()
+                        except TimeoutError:
+                            timed_out = True
+                        finally:
+                            leave_queue()
+                    watchers.cancel_scope.cancel()
         finally:
-            admission.dequeue(admitted=grant is not None, timed_out=timed_out, gone=disconnected)
+            leave_queue()
         if grant is None:
             if not disconnected:
                 await self._reject(send, admission.rejection("queue timeout"))
