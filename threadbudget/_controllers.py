@@ -144,12 +144,32 @@ class ThreadpoolctlController(RuntimeController):
     def process_setter(self) -> ThreadSetter | None:
         from threadpoolctl import ThreadpoolController
 
-        pools = [
-            (lib.get_num_threads, lib.set_num_threads)
-            for lib in ThreadpoolController().lib_controllers
-            if lib.user_api != "openmp"
-        ]
+        pools: list[tuple[Callable[[], Any], Callable[[int], Any]]] = []
+        for lib in ThreadpoolController().lib_controllers:
+            if lib.user_api == "openmp" or getattr(lib, "threading_layer", None) == "openmp":
+                continue  # per-thread: sized by thread_setter
+            if lib.internal_api == "openblas":
+                # threadpoolctl >= 3.6 lets one "controlling" thread resize a pthreads OpenBLAS
+                # and silently ignores the others; slots run in many threads, so call OpenBLAS.
+                symbols = _openblas_symbols(lib.dynlib)
+                if symbols is not None:
+                    pools.append(symbols)
+                continue
+            pools.append((lib.get_num_threads, lib.set_num_threads))
         return _setter_over(pools) if pools else None
+
+
+def _openblas_symbols(
+    dynlib: Any,
+) -> tuple[Callable[[], Any], Callable[[int], Any]] | None:
+    """OpenBLAS's own get/set functions, whatever prefix and suffix this build gave them."""
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_", "_64"):
+            getter = getattr(dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            setter = getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if getter is not None and setter is not None:
+                return getter, setter
+    return None
 
 
 def _setter_over(

@@ -19,6 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 
 from ._controllers import ThreadSetter, registered_controllers
 from ._detect import CpuBudget
@@ -99,10 +100,17 @@ class NativeThreadLimits:
         """Set this thread's limits to *threads*; the result goes to :meth:`exit`."""
         if len(sys.modules) != self._modules_seen:
             self._resolve()
-        undos = [setter(threads) for setter in self._thread_setters]
-        if threads == self._budget and threads > 1:
-            # The whole budget is held here, so no other slot can be inside a shared pool.
-            undos.extend(setter(threads) for setter in self._process_setters)
+        undos: list[_Undo] = []
+        try:
+            for setter in self._thread_setters:
+                undos.append(setter(threads))
+            if threads == self._budget and threads > 1:
+                # The whole budget is held here, so no other slot can be inside a shared pool.
+                for setter in self._process_setters:
+                    undos.append(setter(threads))
+        except BaseException:
+            self.exit(undos)  # leave this thread as it was, then let the slot fail
+            raise
         return undos
 
     @staticmethod
@@ -136,7 +144,7 @@ class CpuSlots(TokenPool):
     ``native_limits=False`` for a plain token pool.
     """
 
-    __slots__ = ("_limiter", "_limiter_token", "_native")
+    __slots__ = ("_limiter", "_native")
 
     def __init__(
         self,
@@ -158,8 +166,7 @@ class CpuSlots(TokenPool):
             # thread that runs the work (run_sync, sized_by_grant) instead.
             async_hooks=False,
         )
-        self._limiter: anyio.CapacityLimiter | None = None
-        self._limiter_token: object = None
+        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"threadbudget_limiter_{id(self):x}")
 
     @property
     def native_limits(self) -> NativeThreadLimits | None:
@@ -172,11 +179,12 @@ class CpuSlots(TokenPool):
         endpoint, dependency and file operation), so CPU work queued here never holds up I/O.
         It has as many tokens as the budget: the slot is taken first, so it never blocks.
         """
-        token = anyio.lowlevel.current_token()
-        if self._limiter is None or self._limiter_token != token:
-            self._limiter = anyio.CapacityLimiter(self.budget)
-            self._limiter_token = token
-        return self._limiter
+        try:
+            return self._limiter.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(self.budget)
+            self._limiter.set(limiter)
+            return limiter
 
     async def run_sync(
         self,
@@ -192,10 +200,15 @@ class CpuSlots(TokenPool):
         runs the call in a thread of :meth:`thread_limiter` with its native limits set to the
         grant. ``timeout`` bounds the wait for the slot, not the call.
         """
+        nested = self.current_grant() is not None
         async with self.async_slot(k, timeout=timeout) as grant:
+            # A nested call (from code already running under this grant, e.g. a run_sync
+            # worker calling back into the loop) must not queue for a thread that its own
+            # caller may be holding: it gets a thread of its own.
+            limiter = anyio.CapacityLimiter(1) if nested else self.thread_limiter()
             return await anyio.to_thread.run_sync(
                 functools.partial(self._with_native_limits, grant, function, args, {}),
-                limiter=self.thread_limiter(),
+                limiter=limiter,
             )
 
     def call_sized(self, function: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
@@ -248,7 +261,10 @@ class CpuExecutor(concurrent.futures.ThreadPoolExecutor):
         timeout: float | None = None,
         thread_name_prefix: str = "threadbudget-cpu",
     ) -> None:
-        super().__init__(max_workers or pool.budget, thread_name_prefix=thread_name_prefix)
+        super().__init__(
+            pool.budget if max_workers is None else max_workers,
+            thread_name_prefix=thread_name_prefix,
+        )
         self._pool = pool
         self._slot_k = k
         self._slot_timeout = timeout

@@ -1,11 +1,13 @@
-"""Prometheus exposition of token pool metrics (needs the ``prometheus`` extra).
+"""Prometheus exposition of pool and watchdog metrics (needs the ``prometheus`` extra).
 
-``register_pool(pool)`` adds a collector to a registry; every scrape reads one
-:meth:`TokenPool.snapshot`, so the numbers in one scrape are consistent with each other.
+``register_pool(pool)`` exposes a pool on a registry; every scrape reads one
+:meth:`TokenPool.snapshot` per pool, so the numbers of one pool are consistent with each other.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,16 +32,43 @@ def _prometheus() -> Any:
     return prometheus_client.core
 
 
-class PoolCollector:
-    """A prometheus-client collector for one pool, labelled ``pool=<name>``."""
+_POOL_METRICS = (
+    ("gauge", "budget_tokens", "CPU tokens in the pool (its budget).", "budget"),
+    ("gauge", "tokens_in_use", "CPU tokens granted now.", "in_use"),
+    ("gauge", "slot_holders", "Units of work holding a slot now.", "holders"),
+    ("gauge", "slot_waiters", "Units of work waiting for a slot now.", "waiting"),
+    ("counter", "slot_timeouts", "Slot waits that timed out.", "timeouts"),
+    ("counter", "slot_cancellations", "Slot waits cancelled or interrupted.", "cancellations"),
+)
 
-    def __init__(self, pool: TokenPool, *, name: str = "default", namespace: str = "threadbudget"):
+
+class PoolCollector:
+    """A prometheus-client collector for one or more pools, each labelled ``pool=<name>``.
+
+    One collector serves every pool of a namespace on a registry (:func:`register_pool` adds
+    to it), because a registry refuses two collectors that describe the same metric names.
+    """
+
+    def __init__(
+        self, pool: TokenPool, *, name: str = "default", namespace: str = "threadbudget"
+    ) -> None:
+        self._core = _prometheus()
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self._pools: dict[str, TokenPool] = {}
+        self.add(pool, name=name)
+
+    def add(self, pool: TokenPool, *, name: str) -> None:
+        """Also expose *pool*, labelled *name*; names are unique per collector."""
         if not isinstance(pool, TokenPool):
             raise TypeError(f"expected a TokenPool, got {pool!r}")
-        self._core = _prometheus()
-        self.pool = pool
-        self.name = name
-        self.namespace = namespace
+        with self._lock:
+            if name in self._pools:
+                raise ValueError(
+                    f"Duplicated timeseries: a pool named {name!r} is already exposed under "
+                    f"the namespace {self.namespace!r}"
+                )
+            self._pools[name] = pool
 
     def describe(self) -> list[Any]:
         # Returning the metrics without values lets the registry check names at register time.
@@ -47,48 +76,44 @@ class PoolCollector:
 
     def collect(self) -> Iterator[Any]:
         core = self._core
-        snapshot = self.pool.snapshot()
         prefix = self.namespace
-        labels = ["pool"]
-        values = [self.name]
+        with self._lock:
+            pools = sorted(self._pools.items())
+        snapshots = [(name, pool.snapshot()) for name, pool in pools]
 
-        def gauge(name: str, documentation: str, value: float) -> Any:
-            metric = core.GaugeMetricFamily(f"{prefix}_{name}", documentation, labels=labels)
-            metric.add_metric(values, value)
-            return metric
+        for kind, name, documentation, attribute in _POOL_METRICS:
+            maker = core.GaugeMetricFamily if kind == "gauge" else core.CounterMetricFamily
+            metric = maker(f"{prefix}_{name}", documentation, labels=["pool"])
+            for pool_name, snapshot in snapshots:
+                metric.add_metric([pool_name], getattr(snapshot, attribute))
+            yield metric
 
-        def counter(name: str, documentation: str, value: float) -> Any:
-            metric = core.CounterMetricFamily(f"{prefix}_{name}", documentation, labels=labels)
-            metric.add_metric(values, value)
-            return metric
-
-        yield gauge("budget_tokens", "CPU tokens in the pool (its budget).", snapshot.budget)
-        yield gauge("tokens_in_use", "CPU tokens granted now.", snapshot.in_use)
-        yield gauge("slot_holders", "Units of work holding a slot now.", snapshot.holders)
-        yield gauge("slot_waiters", "Units of work waiting for a slot now.", snapshot.waiting)
-        yield counter("slot_timeouts", "Slot waits that timed out.", snapshot.timeouts)
-        yield counter(
-            "slot_cancellations", "Slot waits cancelled or interrupted.", snapshot.cancellations
-        )
         grants = core.CounterMetricFamily(
             f"{prefix}_slot_grants", "Slots granted, by tokens granted.", labels=["pool", "size"]
         )
-        for size, count in sorted(snapshot.grants_by_size.items()):
-            grants.add_metric([self.name, str(size)], count)
+        for pool_name, snapshot in snapshots:
+            for size, count in sorted(snapshot.grants_by_size.items()):
+                grants.add_metric([pool_name, str(size)], count)
         yield grants
 
-        cumulative = 0
-        buckets = []
-        for bound, count in zip(snapshot.wait_bounds, snapshot.wait_counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         wait = core.HistogramMetricFamily(
             f"{prefix}_slot_wait_seconds",
             "Time from asking for a slot to getting it.",
-            labels=labels,
+            labels=["pool"],
         )
-        wait.add_metric(values, buckets, snapshot.wait_seconds_total)
+        for pool_name, snapshot in snapshots:
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(snapshot.wait_bounds, snapshot.wait_counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            wait.add_metric([pool_name], buckets, snapshot.wait_seconds_total)
         yield wait
+
+
+# One pool collector per (registry, namespace); weak, so a dropped registry is not kept alive.
+_collectors: weakref.WeakKeyDictionary[Any, dict[str, PoolCollector]] = weakref.WeakKeyDictionary()
+_collectors_lock = threading.Lock()
 
 
 def register_pool(
@@ -98,12 +123,23 @@ def register_pool(
     registry: CollectorRegistry | None = None,
     namespace: str = "threadbudget",
 ) -> PoolCollector:
-    """Expose *pool* on *registry* (prometheus-client's default registry if omitted)."""
-    collector = PoolCollector(pool, name=name, namespace=namespace)
+    """Expose *pool* on *registry* (prometheus-client's default registry if omitted).
+
+    Pools registered under one namespace on one registry share a collector and differ by their
+    ``pool`` label; a name used twice raises ``ValueError``.
+    """
     if registry is None:
         registry = _prometheus().REGISTRY
-    registry.register(collector)
-    return collector
+    with _collectors_lock:
+        by_namespace = _collectors.setdefault(registry, {})
+        collector = by_namespace.get(namespace)
+        if collector is not None and collector in getattr(registry, "_collector_to_names", {}):
+            collector.add(pool, name=name)
+            return collector
+        collector = PoolCollector(pool, name=name, namespace=namespace)
+        registry.register(collector)
+        by_namespace[namespace] = collector
+        return collector
 
 
 class WatchdogCollector:
