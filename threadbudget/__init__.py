@@ -9,6 +9,10 @@ from __future__ import annotations
 from ._apply import AppliedBudget as AppliedBudget
 from ._apply import EnvConflict as EnvConflict
 from ._apply import apply_plan as apply_plan
+from ._batching import BatcherSnapshot as BatcherSnapshot
+from ._batching import BatchQueueFull as BatchQueueFull
+from ._batching import MicroBatcher as MicroBatcher
+from ._batching import batched as batched
 from ._controllers import RuntimeChange as RuntimeChange
 from ._controllers import RuntimeController as RuntimeController
 from ._controllers import ThreadpoolctlController as ThreadpoolctlController
@@ -51,12 +55,15 @@ __all__ = [
     "NATIVE_ENV_VARS",
     "WAIT_BUCKETS",
     "AppliedBudget",
+    "BatchQueueFull",
+    "BatcherSnapshot",
     "CpuBudget",
     "CpuExecutor",
     "CpuSlots",
     "ElasticRule",
     "EnvConflict",
     "Grant",
+    "MicroBatcher",
     "NativeEnvVar",
     "NativeThreadLimits",
     "Override",
@@ -75,6 +82,7 @@ __all__ = [
     "__version__",
     "apply_plan",
     "apply_worker_budget",
+    "batched",
     "collect_info",
     "count_os_threads",
     "detect_budget",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ._batching import BatchQueueFull
 from ._coordinate import sized_by_grant
 
 try:
@@ -26,7 +27,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised with fastap
         "threadbudget.fastapi needs FastAPI: pip install 'threadbudget[web]'", name=error.name
     ) from error
 
-__all__ = ["BudgetRoute"]
+__all__ = ["BudgetRoute", "add_batch_overflow_handler"]
 
 
 class BudgetRoute(APIRoute):
@@ -43,3 +44,18 @@ class BudgetRoute(APIRoute):
         ):
             endpoint = sized_by_grant(endpoint)
         super().__init__(path, endpoint, **kwargs)
+
+
+def add_batch_overflow_handler(app: Any, *, status_code: int = 503) -> None:
+    """Answer :class:`BatchQueueFull` from any endpoint with 503 (or 429) and Retry-After."""
+    if status_code not in (429, 503):
+        raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+    from fastapi.responses import PlainTextResponse
+
+    async def overflow(request: Any, error: Exception) -> PlainTextResponse:
+        assert isinstance(error, BatchQueueFull)
+        return PlainTextResponse(
+            f"{error}\n", status_code=status_code, headers={"Retry-After": str(error.retry_after)}
+        )
+
+    app.add_exception_handler(BatchQueueFull, overflow)
