@@ -19,7 +19,8 @@ from typing import Any
 
 from ._apply import AppliedBudget
 from ._forksafety import install_fork_safety
-from ._settings import ENV_WORKERS
+from ._settings import ENV_WORKERS, parse_positive_int
+from ._warnings import warn
 from ._workers import apply_worker_budget
 
 try:
@@ -43,11 +44,31 @@ def setup_celery() -> None:
     )
 
 
+_worker: Any = None
+
+
 def _record_pool_size(sender: Any = None, **_: Any) -> None:
+    # Kept for the children: with --concurrency auto the pool size is known only after this
+    # signal, by the time the children fork.
+    global _worker
+    _worker = sender
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int) and concurrency > 0 and ENV_WORKERS not in os.environ:
         os.environ[ENV_WORKERS] = str(concurrency)
     install_fork_safety()
+
+
+def _pool_size() -> int:
+    """This worker's pool size: THREADBUDGET_WORKERS if valid, else what Celery resolved."""
+    resolved = getattr(_worker, "concurrency", None)
+    fallback = resolved if isinstance(resolved, int) and resolved > 0 else 1
+    raw = os.environ.get(ENV_WORKERS)
+    if raw is not None:
+        try:
+            return parse_positive_int(raw, ENV_WORKERS)
+        except ValueError as error:
+            warn(f"ignoring {ENV_WORKERS}={raw!r}: {error}; using the pool size {fallback}")
+    return fallback
 
 
 def _apply_child_share(**_: Any) -> None:
@@ -55,5 +76,6 @@ def _apply_child_share(**_: Any) -> None:
     from billiard.process import current_process
 
     index = getattr(current_process(), "index", None)
-    workers = int(os.environ.get(ENV_WORKERS, "1") or 1)
+    workers = _pool_size()
+    os.environ[ENV_WORKERS] = str(workers)
     applied = apply_worker_budget(index if isinstance(index, int) else None, workers)

@@ -2,7 +2,7 @@
 
 In ``gunicorn.conf.py``::
 
-    from threadbudget.gunicorn import post_fork
+    from threadbudget.gunicorn import post_fork, pre_fork
 
 Works with sync, gthread and uvicorn (``-k uvicorn.workers.UvicornWorker``) workers. Keep
 ``preload_app = False`` (the default): with the app preloaded, torch and numpy start their pools
@@ -17,23 +17,41 @@ from typing import Any
 from ._apply import AppliedBudget
 from ._workers import apply_worker_budget
 
-__all__ = ["post_fork"]
+__all__ = ["post_fork", "pre_fork"]
+
+_INDEX = "threadbudget_index"
 
 #: The budget applied in this worker process, once gunicorn forked it.
 applied: AppliedBudget | None = None
 
 
+def pre_fork(server: Any, worker: Any) -> None:
+    """gunicorn's ``pre_fork`` hook (runs in the master): give the new worker a free index.
+
+    A replacement worker (after a crash, ``max_requests`` or a reload) takes the lowest index
+    no live worker holds, so the shares stay spread over the live workers.
+    """
+    taken = {getattr(live, _INDEX, None) for live in getattr(server, "WORKERS", {}).values()}
+    index = 0
+    while index in taken:
+        index += 1
+    setattr(worker, _INDEX, index)
+
+
 def post_fork(server: Any, worker: Any) -> None:
     """gunicorn's ``post_fork`` hook: apply this worker's share of the budget.
 
-    The worker's index is its age (gunicorn numbers workers from 1 as it spawns them) modulo
-    the worker count, so replacement workers take over the share of the one they replace on
-    average. gthread workers plan for ``threads`` requests in flight each.
+    The index comes from :func:`pre_fork` when it is configured too; otherwise from the
+    worker's age (gunicorn numbers workers from 1 as it spawns them) modulo the worker count,
+    which a replacement worker can share with a live one. gthread workers plan for
+    ``threads`` requests in flight each.
     """
     global applied
-    workers = max(1, int(server.cfg.workers))
+    workers = max(1, int(getattr(server, "num_workers", 0) or server.cfg.workers))
     threads = int(getattr(server.cfg, "threads", 1) or 1)
-    index = (int(worker.age) - 1) % workers
+    index = getattr(worker, _INDEX, None)
+    if not isinstance(index, int):
+        index = (int(worker.age) - 1) % workers
     applied = apply_worker_budget(index, workers, concurrency=threads if threads > 1 else None)
     server.log.info(
         "threadbudget: worker %s (index %s of %s) gets %s CPU(s), %s thread(s) per task",
