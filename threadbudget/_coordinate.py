@@ -2,8 +2,9 @@
 
 A unit of work that holds ``k`` tokens runs its per-thread native pools (OpenMP, torch's MKL)
 with ``k`` threads, in the thread that does the work. Process-wide pools (OpenBLAS pthreads,
-MKL's global setting, BLIS) cannot follow one thread's grant, so they run one thread except
-while a single slot holds the whole budget, when nobody else can be inside them.
+MKL's global setting, BLIS) cannot follow one thread's grant: they run one thread, are raised
+when a slot holds the whole budget (nobody else can be inside them then), and go back to one
+when the next smaller grant starts.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class NativeThreadLimits:
         self._budget = budget
         self._lock = threading.Lock()
         self._modules_seen = -1
+        self._shared_raised = False
         self._thread_setters: tuple[ThreadSetter, ...] = ()
         self._process_setters: tuple[ThreadSetter, ...] = ()
+        self._shared_raised = False
         track_for_fork(self)
 
     def _after_fork_in_child(self) -> None:
@@ -92,6 +95,7 @@ class NativeThreadLimits:
                 if shared is not None:
                     process_setters.append(shared)
                     shared(1)
+            self._shared_raised = False
             self._thread_setters = tuple(thread_setters)
             self._process_setters = tuple(process_setters)
             self._modules_seen = modules
@@ -104,14 +108,34 @@ class NativeThreadLimits:
         try:
             for setter in self._thread_setters:
                 undos.append(setter(threads))
-            if threads == self._budget and threads > 1:
-                # The whole budget is held here, so no other slot can be inside a shared pool.
-                for setter in self._process_setters:
-                    undos.append(setter(threads))
+            if self._process_setters:
+                self._size_shared_pools(threads)
         except BaseException:
             self.exit(undos)  # leave this thread as it was, then let the slot fail
             raise
         return undos
+
+    def _size_shared_pools(self, threads: int) -> None:
+        """Raise shared pools for a whole-budget grant; lower them for the next smaller one.
+
+        Lowering waits for a smaller grant to arrive instead of happening at exit: a pthreads
+        OpenBLAS stops and restarts its threads on every change, and back-to-back whole-budget
+        grants (one request at a time) would pay that twice per request. Both moves are safe: a
+        whole-budget grant means no other slot runs, and a smaller grant can only start after
+        the whole-budget holder has left.
+        """
+        exclusive = threads == self._budget and threads > 1
+        if exclusive == self._shared_raised:
+            return
+        with self._lock:
+            if exclusive and not self._shared_raised:
+                for setter in self._process_setters:
+                    setter(threads)
+                self._shared_raised = True
+            elif not exclusive and self._shared_raised:
+                for setter in self._process_setters:
+                    setter(1)
+                self._shared_raised = False
 
     @staticmethod
     def exit(undos: object) -> None:
