@@ -21,6 +21,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import threading
 import time
@@ -58,7 +59,17 @@ class BatchQueueFull(RuntimeError):
 class _Item(Generic[T, R]):
     """One caller's input and where its result goes."""
 
-    __slots__ = ("done", "error", "input", "loop", "queued_at", "result", "size", "state")
+    __slots__ = (
+        "done",
+        "error",
+        "grant",
+        "input",
+        "loop",
+        "queued_at",
+        "result",
+        "size",
+        "state",
+    )
 
     def __init__(self, value: T, size: int) -> None:
         self.input = value
@@ -69,6 +80,7 @@ class _Item(Generic[T, R]):
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.loop: tuple[anyio.Event, Any, int] | None = None
+        self.grant = 0
 
     def finish(self) -> None:
         self.done.set()
@@ -138,8 +150,13 @@ class MicroBatcher(Generic[T, R]):
         if max_queue is None:
             max_queue = 8 * max_batch_size
         _whole("max_queue", max_queue, 1)
-        if isinstance(max_wait, bool) or not isinstance(max_wait, int | float) or max_wait < 0:
-            raise ValueError(f"max_wait must be a number of seconds >= 0, got {max_wait!r}")
+        if (
+            isinstance(max_wait, bool)
+            or not isinstance(max_wait, int | float)
+            or not math.isfinite(max_wait)
+            or max_wait < 0
+        ):
+            raise ValueError(f"max_wait must be a finite number of seconds >= 0, got {max_wait!r}")
         self.function = function
         self.slots = CpuSlots() if slots is None else slots
         self.max_batch_size = max_batch_size
@@ -239,6 +256,10 @@ class MicroBatcher(Generic[T, R]):
 
     def _enqueue(self, value: T) -> _Item[T, R]:
         item: _Item[T, R] = _Item(value, self._size(value))
+        # A caller already holding tokens of this pool (a request admitted by the middleware)
+        # lends them to its batch: a batch queueing for tokens its own callers hold would wait
+        # forever.
+        item.grant = int(self.slots.current_grant() or 0)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"batcher {self.name!r} is closed")
@@ -274,7 +295,7 @@ class MicroBatcher(Generic[T, R]):
     @staticmethod
     def _outcome(item: _Item[T, R]) -> R:
         if item.error is not None:
-            raise item.error
+            raise _own_copy(item.error)
         return item.result  # type: ignore[return-value]
 
     def _dispatch_forever(self) -> None:
@@ -325,9 +346,13 @@ class MicroBatcher(Generic[T, R]):
         started = time.perf_counter()
         results: Sequence[R] | None = None
         error: BaseException | None = None
+        borrowed = min(sum(item.grant for item in batch), self.slots.budget)
         try:
-            with self.slots.slot(self.k):
-                results = self.function([item.input for item in batch])
+            if borrowed:
+                results = self._run_on_borrowed_tokens(borrowed, batch)
+            else:
+                with self.slots.slot(self.k):
+                    results = self.function([item.input for item in batch])
             if len(results) != len(batch):
                 raise ValueError(
                     f"{self.name!r} returned {len(results)} result(s) for {len(batch)} input(s)"
@@ -358,6 +383,15 @@ class MicroBatcher(Generic[T, R]):
         for item in batch:
             if item.state == _DONE:
                 item.finish()
+
+    def _run_on_borrowed_tokens(self, threads: int, batch: list[_Item[T, R]]) -> Sequence[R]:
+        native = self.slots.native_limits
+        undos = native.enter(threads) if native is not None else []
+        try:
+            return self.function([item.input for item in batch])
+        finally:
+            if native is not None:
+                native.exit(undos)
 
     def _after_fork_in_child(self) -> None:
         # The dispatcher and running batches belong to the parent; start the child empty.
@@ -394,6 +428,22 @@ def batched(
         )
 
     return decorate
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of a batch's exception for one caller.
+
+    Raising one object from every caller would prepend each caller's frames to one shared
+    traceback, mixing their stacks (and keeping their frames alive).
+    """
+    try:
+        duplicate = copy.copy(error)
+    except Exception:
+        return error
+    duplicate.__cause__ = error.__cause__
+    duplicate.__context__ = error.__context__
+    duplicate.__suppress_context__ = error.__suppress_context__
+    return duplicate.with_traceback(error.__traceback__)
 
 
 def _whole(name: str, value: object, minimum: int) -> None:

