@@ -7,6 +7,7 @@ the kernel and torch tests really ran.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +128,20 @@ def _is_thread_var(name: str) -> bool:
 
 
 PYTHON = sys.executable
+
+
+def run_json_probe(code: str, *args: object, timeout: float = 240) -> dict[str, Any]:
+    """Run *code* in a fresh interpreter (native pools start from scratch there) and return the
+    JSON object on its last line of output."""
+    result = subprocess.run(
+        [PYTHON, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=python_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert isinstance(data, dict), data
+    return data

@@ -6,13 +6,11 @@ starts at its default (one thread per CPU here) and only the slot can bring it t
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 
 import pytest
 
-from .conftest import PYTHON, python_env
+from .conftest import run_json_probe
 
 BUDGET = len(os.sched_getaffinity(0))
 
@@ -52,18 +50,7 @@ print(json.dumps({"inside": inside, "after": after}))
 
 
 def run_probe(library: str, k: int, entry: str) -> dict[str, int]:
-    result = subprocess.run(
-        [PYTHON, "-c", PROBE, library, str(k), entry, str(BUDGET)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=python_env(),
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(counts, dict)
-    return counts
+    return run_json_probe(PROBE, library, k, entry, BUDGET)
 
 
 @pytest.fixture(params=[pytest.param("torch", marks=pytest.mark.torch), "numpy"])

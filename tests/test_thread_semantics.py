@@ -7,12 +7,9 @@ both started after the plan was applied, run a parallel torch or numpy matmul wh
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
-from .conftest import PYTHON, python_env
+from .conftest import run_json_probe
 
 PROBE = r"""
 import json, sys, time, warnings
@@ -61,18 +58,7 @@ print(json.dumps({"executor": executor_busy, "anyio": anyio_busy}))
 def busy_threads(
     library: str, order: str, cpus: int = 2, concurrency: int = 1, kind: str = "matmul"
 ) -> dict[str, int]:
-    result = subprocess.run(
-        [PYTHON, "-c", PROBE, library, order, str(cpus), str(concurrency), kind],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=python_env(),
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(counts, dict)
-    return counts
+    return run_json_probe(PROBE, library, order, cpus, concurrency, kind)
 
 
 LIBRARIES = [

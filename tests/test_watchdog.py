@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -15,7 +13,7 @@ import threadbudget
 from threadbudget import _watchdog
 from threadbudget._watchdog import Watchdog, runnable_threads
 
-from .conftest import PYTHON, python_env
+from .conftest import run_json_probe
 
 
 def fake_samples(monkeypatch: pytest.MonkeyPatch, runnable: list[int]) -> None:
@@ -148,18 +146,7 @@ print(json.dumps({"warnings": snapshot.warnings, "peak": snapshot.peak_runnable,
 
 
 def run_probe(mode: str) -> dict[str, object]:
-    result = subprocess.run(
-        [PYTHON, "-c", PROBE, mode],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=python_env(),
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert isinstance(data, dict)
-    return data
+    return run_json_probe(PROBE, mode, timeout=120)
 
 
 @pytest.mark.torch
