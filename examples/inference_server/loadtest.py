@@ -35,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -780,6 +781,14 @@ def markdown(results: dict[str, Any]) -> str:
         "CPU utilisation is a share of the whole machine (100 % = all cores).",
         "",
     ]
+    disturbed = [run for run in results["runs"] if run.get("noisy")]
+    if disturbed:
+        out += [
+            f"**Warning: in {len(disturbed)} of {len(results['runs'])} runs other processes "
+            f"took more than {config.get('max_other_cpu', 0.15):.0%} of the CPUs; those numbers "
+            "say more about the machine than about the server.**",
+            "",
+        ]
     c = headline_concurrency(config["concurrency"])
     for workload, summary in results["summary"].items():
         out += [f"## {workload}: concurrency {c}", ""]
@@ -978,7 +987,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="RESULTS_JSON",
         help="measure nothing: rewrite results.md and loadtest.png from a saved results.json",
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: results/ next to this file; with --quick a temporary "
+        "folder, so a demo run never overwrites the committed measurements)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         defaults = {
@@ -986,16 +1001,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "repeats": 3,
             "open_duration": 15.0,
             "overload_duration": 20.0,
+            "retries": 2,
+            "quiet_wait": 30.0,
         }
+        # A demo must finish in minutes even on a busy machine: no waiting for quiet moments and
+        # no redos; disturbed runs are still measured and flagged in the output.
         quick = {
             "concurrency": "1,10",
             "repeats": 1,
             "open_duration": 0.0,
             "overload_duration": 10.0,
+            "retries": 0,
+            "quiet_wait": 0.0,
         }
         for key, value in quick.items():
             if getattr(args, key) == defaults[key]:  # explicit flags still win
                 setattr(args, key, value)
+    if args.out is None:
+        quick_out = Path(tempfile.gettempdir()) / "threadbudget-loadtest-quick"
+        args.out = quick_out if args.quick else HERE / "results"
     args.workloads = parse_list(args.workload, str)
     args.concurrency_list = sorted(set(parse_list(args.concurrency, int)))
     args.mode_list = parse_list(args.modes, str)
@@ -1211,6 +1235,8 @@ def main(argv: list[str] | None = None) -> int:
             "open_duration": args.open_duration,
             "max_queue": max_queue,
             "policy": args.policy or "elastic",
+            "max_other_cpu": args.max_other_cpu,
+            "retries": args.retries,
             "quick": args.quick,
         },
         "runs": [],
