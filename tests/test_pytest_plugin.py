@@ -6,6 +6,7 @@ are involved, in a fresh subprocess where numpy or torch must load their pools f
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -40,16 +41,22 @@ TWO_CPUS = pytest.mark.skipif(
 )
 
 BURNERS = """
+import hashlib
 import threading
 import time
 
 import pytest
 
+CHUNK = bytes(1 << 20)
 
-def burn():
-    # CPU time, not wall time: each thread does ~100 ms of work however loaded the machine is.
-    while time.thread_time() < 0.1:
-        pass
+
+def burn(seconds=0.1):
+    # CPU time, not wall time: the same work however loaded the machine is. Hashing a large
+    # buffer releases the GIL, as numpy and torch do, so burners run side by side like native
+    # workers and the sampler gets its turns (pure-Python burners keep it from them).
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        hashlib.sha256(CHUNK).digest()
 
 
 def run_threads(count):
@@ -416,10 +423,18 @@ def test_reset_opens_a_new_window(thread_budget_sampler):
     pytester.runpytest(*PLUGIN).assert_outcomes(passed=2)
 
 
+def burn_without_the_gil(seconds: float) -> None:
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        hashlib.sha256(CHUNK).digest()
+
+
+CHUNK = bytes(1 << 20)
+
+
 def test_thread_sampler_outside_pytest_hooks() -> None:
     def burn() -> None:
-        while time.thread_time() < 0.05:
-            pass
+        burn_without_the_gil(0.05)
 
     with ThreadSampler() as sampler:
         threads = [threading.Thread(target=burn, name=f"sampled-{i}") for i in range(2)]
@@ -431,6 +446,81 @@ def test_thread_sampler_outside_pytest_hooks() -> None:
     assert not any(item.name == "threadbudget-sampler" for item in sampler.busy_threads)
     with pytest.raises(ThreadLimitExceeded):
         sampler.check(1)
+
+
+def test_cpu_of_threads_that_ended_unobserved_is_reported() -> None:
+    # With a 10 s interval nothing is sampled between start and stop: the two threads start and
+    # end unseen, and only the process's CPU clock knows what they did.
+    with ThreadSampler(interval=10.0) as sampler:
+        threads = [
+            threading.Thread(target=burn_without_the_gil, args=(0.1,), name=f"unseen-{i}")
+            for i in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not [item for item in sampler.busy_threads if item.name.startswith("unseen")]
+    assert sampler.unattributed_cpu_ms >= 150
+    report = sampler.report(1, "a test")
+    assert re.search(r"^\d+\.\d ms of CPU went to threads that ended between samples", report, re.M)
+
+
+def test_no_unattributed_cpu_when_nothing_ran() -> None:
+    with ThreadSampler() as sampler:
+        time.sleep(0.05)
+    assert sampler.unattributed_cpu_ms < 5
+    assert "ended between samples" not in sampler.report(1, "a test")
+
+
+def test_a_count_that_may_be_short_warns_or_says_so(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        BURNERS
+        + """
+@pytest.fixture
+def release():
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.mark.max_threads(1)
+def test_short_threads_pass_with_a_warning():
+    run_threads(3)  # over before the first sample
+
+
+@pytest.mark.max_threads(1)
+def test_over_the_limit_says_it_may_be_more(release):
+    burned = threading.Event()
+
+    def keep():
+        burn()
+        burned.set()
+        release.wait(30)  # alive at the last reading, so it is seen
+
+    keeper = threading.Thread(target=keep, name="keeper")
+    keeper.start()
+    burn()
+    run_threads(3)
+    assert burned.wait(30)
+"""
+    )
+    result = pytester.runpytest(*PLUGIN, "--thread-sample-interval=10")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ThreadSamplingWarning: * thread(s) counted against the limit of 1 (from "
+            "@pytest.mark.max_threads(1)); * ms of CPU went to threads that ended between "
+            "samples (every 10 s) *",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_over_the_limit_says_it_may_be_more _*",
+            "2 thread(s) used CPU during the test; the limit is 1 *",
+            "* ms of CPU went to threads that ended between samples *",
+        ]
+    )
 
 
 # -- native pools, in a fresh process ---------------------------------------------------------

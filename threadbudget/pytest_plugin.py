@@ -39,6 +39,7 @@ __all__ = [
     "BusyThread",
     "ThreadLimitExceeded",
     "ThreadSampler",
+    "ThreadSamplingWarning",
 ]
 
 ENV_MAX_THREADS = "THREADBUDGET_MAX_THREADS"
@@ -63,6 +64,8 @@ DEFAULT_SETTLE = 0.3
 _QUIET_SHARE = 0.1
 #: ...in every reading of the last this many seconds.
 _QUIET_SPAN = 0.02
+#: Unattributed CPU up to this is jitter between the per-thread and process clock readings.
+_LOST_NOTICE_MS = 5.0
 
 _MIN_INTERVAL = 0.001
 _MAX_INTERVAL = 60.0
@@ -215,6 +218,11 @@ class ThreadLimitExceeded(AssertionError):
     """More threads used CPU in the measured window than allowed; the message says which."""
 
 
+class ThreadSamplingWarning(pytest.PytestWarning):
+    """A checked test passed, but threads that ended between samples used enough CPU to hide
+    a thread from the count; the message says how much."""
+
+
 @dataclass
 class _Track:
     tid: int
@@ -275,6 +283,11 @@ class ThreadSampler:
         self._settled_s = 0.0
         self._started = False
         self._fresh: dict[int, float] = {}
+        # The process's CPU clock (every thread, live or ended) at the first and last reading:
+        # what the per-thread tracks do not add up to went to threads that ended unobserved.
+        self._process_start_ns = 0
+        self._process_last_ns = 0
+        self._alive_tids: set[int] = set()  # thread ids in the latest reading
 
     # - lifecycle -
 
@@ -282,9 +295,11 @@ class ThreadSampler:
         """Wait for other threads to go quiet (at most *settle* s), then open the window."""
         if self._started:
             raise RuntimeError("this ThreadSampler is already started; use reset()")
-        baseline = self._settle()
+        baseline, process_ns = self._settle()
         names = _python_names()
         with self._lock:
+            self._process_start_ns = self._process_last_ns = process_ns
+            self._alive_tids = set(baseline)
             self._tracks = {
                 tid: _Track(tid, _comm(tid), names.get(tid), ns, ns) for tid, ns in baseline.items()
             }
@@ -347,13 +362,15 @@ class ThreadSampler:
         while not self._stop.wait(self.interval):
             self._take()
 
-    def _settle(self) -> dict[int, int]:
-        """Wait until no thread but this one and the samplers uses CPU; return that reading."""
+    def _settle(self) -> tuple[dict[int, int], int]:
+        """Wait until no thread but this one and the samplers uses CPU; return that reading
+        with the process's CPU clock read right after it."""
         me = threading.get_native_id()
         began = time.monotonic()
         while True:
             now = time.monotonic()
             current = _cpu_by_thread()
+            process_ns = time.process_time_ns()
             _activity.record(now, current)
             busy = _activity.active_since(now, _samplers() | {me})
             if not busy or now - began >= self.settle:
@@ -362,13 +379,15 @@ class ThreadSampler:
             time.sleep(min(self.interval, _QUIET_SPAN / 4))
         self._settled_s = now - began
         self._busy_at_start = [(tid, _comm(tid)) for tid in busy]
-        return current
+        return current, process_ns
 
     def _take(self) -> dict[int, int]:
         # Held across the reading, so two readings (the sampler's and a caller's) never apply
         # out of order, which would look like a thread id reused by a new thread.
         with self._lock:
             cpu = _cpu_by_thread()
+            self._process_last_ns = time.process_time_ns()
+            self._alive_tids = set(cpu)
             now = time.monotonic()
             _activity.record(now, cpu)
             self._excluded |= _samplers()
@@ -429,6 +448,40 @@ class ThreadSampler:
     def busy_count(self) -> int:
         return len(self.busy_threads)
 
+    @property
+    def unattributed_cpu_ms(self) -> float:
+        """CPU the process used in the window that no sampled thread accounts for.
+
+        It went to threads that ended between two samples, after their last one: threads
+        shorter than the interval, or threads the sampler could not look at in time because
+        they kept the GIL busy (pure-Python CPU work in several threads). A large value means
+        :attr:`busy_threads` may be short of a thread.
+        """
+        self._refresh()
+        with self._lock:
+            tracks = [*self._ended, *self._tracks.values()]  # samplers included: they used it
+            used = self._process_last_ns - self._process_start_ns
+            return max(0.0, (used - sum(t.grown_ns for t in tracks)) / 1e6)
+
+    def _sampling_gap(self, busy: list[BusyThread]) -> str | None:
+        """Why the count may be short, when unobserved CPU could have been a thread of its own
+        (it passes the floor busy threads pass); None otherwise."""
+        lost_ms = self.unattributed_cpu_ms
+        top = busy[0].cpu_ms if busy else 0.0
+        with self._lock:
+            ended = len(self._ended) + sum(1 for tid in self._tracks if tid not in self._alive_tids)
+        # Each thread that ended may have run up to one interval after its last sample.
+        allowance_ms = _LOST_NOTICE_MS + ended * self.interval * 1e3
+        if lost_ms < allowance_ms + max(self.min_cpu_ms, self.min_share * top):
+            return None
+        return (
+            f"{lost_ms:.1f} ms of CPU went to threads that ended between samples (every "
+            f"{self.interval:g} s) and is not attributed to any thread, so the count may be "
+            "short. Threads that live shorter than the interval, or several threads running "
+            "pure-Python code (the GIL keeps the sampler from its turn), cause this; keep worker "
+            "threads alive until the test ends, or lower the sample interval."
+        )
+
     def _busy(self, grown: list[_Track]) -> list[BusyThread]:
         top = max((t.grown_ns for t in grown), default=0)
         floor = max(self.min_cpu_ms * 1e6, self.min_share * top)
@@ -468,6 +521,9 @@ class ThreadSampler:
             shown = ", ".join(f"{t.name} {t.grown_ns / 1e6:.1f} ms" for t in quiet[:5])
             more = f" and {len(quiet) - 5} more" if len(quiet) > 5 else ""
             lines.append(f"  below the threshold, not counted: {shown}{more}")
+        gap = self._sampling_gap(busy)
+        if gap is not None:
+            lines.append(gap)
         lines.append(
             f"Peak OS threads alive: {self._peak} ({self._at_start} when the test started)."
         )
@@ -697,8 +753,17 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     finally:
         sampler.stop()
     # Only a test that passed is judged: its own failure says more than a thread count.
-    if sampler.busy_count > limit.value:
+    busy = sampler.busy_threads
+    if len(busy) > limit.value:
         pytest.fail(sampler.report(limit.value, limit.source), pytrace=False)
+    gap = sampler._sampling_gap(busy)
+    if gap is not None:
+        item.warn(
+            ThreadSamplingWarning(
+                f"{len(busy)} thread(s) counted against the limit of {limit.value} (from "
+                f"{limit.source}); {gap}"
+            )
+        )
     return result
 
 
