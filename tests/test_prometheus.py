@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from threadbudget import CpuSlots, PoolSnapshot, TokenPool
+from threadbudget import CpuSlots, PoolSnapshot, TokenPool, _slots
 from threadbudget.prometheus import PoolCollector, register_pool
 
 from .conftest import PYTHON, python_env
@@ -33,6 +33,7 @@ POOL_METRICS = (
     "tokens_in_use",
     "slot_holders",
     "slot_waiters",
+    "slot_recent_demand",
     "slot_timeouts_total",
     "slot_cancellations_total",
     "slot_grants_total",
@@ -144,6 +145,8 @@ def assert_matches_snapshot(samples: list[Sample], snap: PoolSnapshot, pool: str
     assert value(samples, f"{ns}_tokens_in_use", pool=pool) == snap.in_use
     assert value(samples, f"{ns}_slot_holders", pool=pool) == snap.holders
     assert value(samples, f"{ns}_slot_waiters", pool=pool) == snap.waiting
+    # It fades between the scrape and the snapshot, but never below what is in flight.
+    assert value(samples, f"{ns}_slot_recent_demand", pool=pool) >= snap.holders + snap.waiting
     assert value(samples, f"{ns}_slot_timeouts_total", pool=pool) == snap.timeouts
     assert value(samples, f"{ns}_slot_cancellations_total", pool=pool) == snap.cancellations
     grants = {
@@ -209,6 +212,23 @@ def test_scrape_matches_the_snapshot_after_real_activity(make_pool: Callable[[in
     assert value(samples, "threadbudget_slot_grants_total", pool="work", size="2") == 2
     assert value(samples, "threadbudget_slot_wait_seconds_bucket", pool="work", le="+Inf") == 5
     assert value(samples, "threadbudget_slot_wait_seconds_bucket", pool="work", le="0.001") < 5
+
+
+def test_recent_demand_gauge(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stopped clock: slots last 0 s, so the pool never learns a duration and keeps its peak.
+    monkeypatch.setattr(_slots, "perf_counter", lambda: 5.0)
+    registry = CollectorRegistry()
+    pool = TokenPool(4, policy="elastic")
+    register_pool(pool, name="elastic", registry=registry)
+    register_pool(TokenPool(4), name="static", registry=registry)
+    holders = [Holder(pool, 1) for _ in range(3)]
+    for holder in holders:
+        assert holder.entered.wait(JOIN)
+    for holder in holders:
+        holder.finish()
+    samples = scrape(registry)
+    assert value(samples, "threadbudget_slot_recent_demand", pool="elastic") == 3
+    assert value(samples, "threadbudget_slot_recent_demand", pool="static") == 0
 
 
 def test_gauges_show_holders_and_waiters_during_a_scrape() -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import dataclasses
 import gc
+import math
 import re
 import signal
 import threading
@@ -212,42 +213,167 @@ def test_grant_is_immutable() -> None:
 
 
 @pytest.mark.parametrize(
-    ("free", "behind", "cap", "expected"),
+    ("free", "behind", "in_flight", "demand", "cap", "expected"),
     [
-        (8, 0, 8, 8),  # lone request: everything free
-        (8, 0, 3, 3),  # ... up to the cap
-        (8, 1, 8, 4),
-        (8, 2, 8, 2),
-        (8, 7, 8, 1),
-        (8, 20, 8, 1),  # long queue: one each
-        (0, 0, 8, 1),  # nothing free: asks for 1, which is more than free, so it waits
-        (1, 5, 8, 1),
+        (8, 0, 1, 1.0, 8, 8),  # lone request in a quiet pool: everything free
+        (8, 0, 1, 1.0, 3, 3),  # ... up to the cap
+        (8, 0, 1, 0.0, 8, 8),  # a pool that does not track demand
+        (8, 1, 2, 2.0, 8, 4),
+        (8, 2, 3, 3.0, 8, 2),
+        (8, 7, 8, 8.0, 8, 1),
+        (8, 20, 21, 21.0, 8, 1),  # long queue: one each
+        (0, 0, 1, 1.0, 8, 1),  # nothing free: asks for 1, which is more than free, so it waits
+        (1, 5, 6, 6.0, 8, 1),
+        # Lately more in flight than now: the share of those not here is kept for them.
+        (8, 0, 1, 2.0, 8, 4),  # one of two is between requests: half the budget
+        (8, 0, 1, 4.0, 8, 2),
+        (8, 2, 3, 4.0, 8, 2),  # three waiters after a release, the fourth due back: 6 over 3
+        (8, 0, 2, 2.0, 8, 8),  # both in flight: nothing to keep, all that is free
+        (6, 0, 2, 2.0, 8, 6),  # ... e.g. beside a holder of an explicit k=2
+        (8, 0, 1, 1.5, 8, 5),  # a peak fading from 2 to 1: keeps round(0.5 x 8 / 1.5) = 3
+        (2, 0, 1, 2.0, 2, 1),
+        (2, 0, 1, 1.2, 2, 2),  # the reserve rounds to 0
+        (2, 0, 1, 100.0, 2, 1),  # reserve above what is free: still at least one
     ],
 )
-def test_elastic_rule(free: int, behind: int, cap: int, expected: int) -> None:
-    assert ElasticRule(cap)(free, behind) == expected
+def test_elastic_rule(
+    *, free: int, behind: int, in_flight: int, demand: float, cap: int, expected: int
+) -> None:
+    budget = 2 if cap == 2 else 8
+    assert ElasticRule(cap, budget)(free, behind, in_flight, demand) == expected
 
 
 @settings(database=None)
-@given(free=st.integers(1, 64), queued=st.integers(1, 80), cap=st.integers(1, 64))
-def test_elastic_rule_hands_out_every_free_token_to_a_queue(
-    free: int, queued: int, cap: int
+@given(
+    free=st.integers(1, 64),
+    queued=st.integers(1, 80),
+    holders=st.integers(0, 64),
+    cap=st.integers(1, 64),
+    awaited=st.floats(0, 100),
+)
+def test_elastic_rule_hands_out_every_free_token_beyond_the_reserve(
+    free: int, queued: int, holders: int, cap: int, awaited: float
 ) -> None:
-    """Replaying a release over a queue: grants fit, are >= 1, and leave nothing idle."""
-    rule = ElasticRule(cap)
+    """Replaying a release over a queue: grants fit, are >= 1, and leave idle only the reserve
+    for the work that was in flight lately and is not now."""
+    budget = max(free, cap)
+    in_flight = holders + queued
+    demand = in_flight + awaited
+    rule = ElasticRule(cap, budget)
     left, grants = free, []
     for behind in range(queued - 1, -1, -1):
-        need = rule(left, behind)
+        need = rule(left, behind, in_flight, demand)
         if need > left:
             break
         grants.append(need)
         left -= need
     assert all(1 <= g <= cap for g in grants)
     assert sum(grants) <= free
-    # Work-conserving: tokens stay idle only when every waiter got the cap or the queue ran out.
-    assert left == 0 or len(grants) == queued
+    reserve = math.floor(awaited * budget / demand + 0.5)
+    # Tokens stay idle only as the reserve, or when every waiter got the cap or a grant.
+    assert left <= reserve or len(grants) == queued
     if queued >= free:
         assert grants == [1] * free
+
+
+class FakeClock:
+    """Stands in for the pool's ``perf_counter``, so how fast demand is forgotten is exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(_slots, "perf_counter", fake)
+    return fake
+
+
+def test_two_alternating_clients_run_side_by_side(clock: FakeClock) -> None:
+    """The case the demand is for: two clients on two tokens get one each, not both in turn."""
+    pool = TokenPool(2, policy="elastic")
+    first = hold(pool)
+    assert first.grant == 2  # alone: the whole budget
+    second = queue_holder(pool)
+    clock.now += 0.1
+    first.finish()
+    # The queue alone would give the head both tokens; two were in flight a moment ago.
+    assert second.wait_entered() == 1
+    clock.now += 0.001  # the first client comes back with its next request
+    again = hold(pool)
+    assert again.grant == 1
+    assert pool.snapshot().recent_demand == 2.0
+    second.finish()
+    again.finish()
+    assert_quiet(pool)
+
+
+def test_demand_is_forgotten_with_a_half_life_of_slot_durations(clock: FakeClock) -> None:
+    pool = TokenPool(8, policy="elastic")
+    assert pool.demand_memory == 2.0
+    holders = [hold(pool, 2) for _ in range(4)]
+    clock.now += 0.5  # every slot held 0.5 s
+    for holder in holders:
+        holder.finish()
+    assert pool.snapshot().recent_demand == 4.0
+    # Half-life: 2 x 0.5 s. After one, the demand is 2 and a lone request gets half the budget.
+    clock.now += 1.0
+    assert pool.snapshot().recent_demand == pytest.approx(2.0)
+    with pool.slot() as grant:
+        assert grant == 4
+        clock.now += 0.5  # held as long as the others, so the half-life stays 1 s
+    # Three half-lives after the 2: the burst is forgotten, below the one request in flight.
+    clock.now += 2.5
+    assert pool.snapshot().recent_demand == pytest.approx(2.0 / 8)
+    with pool.slot() as grant:
+        assert grant == 8
+    assert pool.snapshot().recent_demand == 1.0
+
+
+def test_without_demand_memory_only_the_queue_counts(clock: FakeClock) -> None:
+    pool = TokenPool(2, policy="elastic", demand_memory=0)
+    first = hold(pool)
+    second = queue_holder(pool)
+    clock.now += 0.1
+    first.finish()
+    assert second.wait_entered() == 2
+    second.finish()
+    assert pool.snapshot().recent_demand == 0.0
+
+
+def test_demand_before_any_slot_ended_is_kept(clock: FakeClock) -> None:
+    # No slot duration yet to scale the memory by: the peak stays until a slot ends.
+    pool = TokenPool(4, policy="elastic")
+    first = hold(pool)
+    with pytest.raises(TimeoutError):
+        pool.slot(timeout=0.01).__enter__()  # a second unit came and went
+    clock.now += 100.0
+    assert pool.snapshot().recent_demand == 2.0
+    first.finish()  # held 100 s: half-life 200 s, so 100 s after the peak it is 2 / sqrt(2)
+    assert pool.snapshot().recent_demand == pytest.approx(2**0.5)
+
+
+def test_static_pools_do_not_track_demand(clock: FakeClock) -> None:
+    pool = TokenPool(4, policy="static")
+    holders = [hold(pool) for _ in range(3)]
+    assert pool.snapshot().recent_demand == 0.0
+    for holder in holders:
+        holder.finish()
+
+
+@pytest.mark.parametrize("memory", [-1, float("nan"), float("inf"), "2", True, None])
+def test_invalid_demand_memory_names_value(memory: Any) -> None:
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"demand_memory must be a finite number of slot durations >= 0, got {memory!r}"
+        ),
+    ):
+        TokenPool(2, policy="elastic", demand_memory=memory)
 
 
 def test_elastic_lone_request_gets_the_budget() -> None:
@@ -292,7 +418,7 @@ def test_elastic_grants_shrink_to_one_under_contention() -> None:
 
 
 def test_elastic_release_splits_free_tokens_over_the_queue() -> None:
-    pool = TokenPool(8, policy="elastic")
+    pool = TokenPool(8, policy="elastic", demand_memory=0)
     first = hold(pool)
     queued = [queue_holder(pool) for _ in range(3)]
     first.finish()
@@ -300,6 +426,20 @@ def test_elastic_release_splits_free_tokens_over_the_queue() -> None:
     for holder in queued:
         holder.finish()
     assert_quiet(pool)
+
+
+def test_elastic_release_keeps_the_share_of_a_client_that_just_left(clock: FakeClock) -> None:
+    # Four in flight a moment ago: each waiter gets 8 // 4, and the leaver's share stays free
+    # for its next request instead of making it wait behind bigger grants.
+    pool = TokenPool(8, policy="elastic")
+    first = hold(pool)
+    queued = [queue_holder(pool) for _ in range(3)]
+    clock.now += 0.2
+    first.finish()
+    assert [h.wait_entered() for h in queued] == [2, 2, 2]
+    assert hold(pool).grant == 2
+    for holder in queued:
+        holder.finish()
 
 
 # -- FIFO, no barging ------------------------------------------------------------------------
@@ -692,6 +832,7 @@ def test_snapshot_contents() -> None:
         in_use=0,
         holders=0,
         waiting=0,
+        recent_demand=0.0,
         grants_total=0,
         grants_by_size=snap.grants_by_size,
         timeouts=0,

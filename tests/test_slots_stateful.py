@@ -12,6 +12,7 @@ helper thread (an anyio blocking portal), under asyncio and under trio.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from threadbudget import _slots
 from threadbudget._slots import TokenPool
 
 JOIN = 10.0  # seconds any thread or task waits for something that should come at once
@@ -64,10 +66,15 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool: TokenPool | None = None
         self.portal_cm: Any = None
         self.portal: anyio.from_thread.BlockingPortal | None = None
-        # The model: free tokens, FIFO queue of waiting actors, holders and their grants.
+        # The model: free tokens, FIFO queue of waiting actors, holders and their grants, and
+        # the elastic pool's recent demand: with the pool's clock stopped nothing is forgotten,
+        # so it is the most actors ever in flight at once (or, without memory, those now).
         self.free = 0
         self.queue: list[Actor] = []
         self.holders: dict[str, int] = {}
+        self.remembers = False
+        self.peak = 0
+        self.real_clock = _slots.perf_counter
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -79,7 +86,13 @@ class PoolMachine(RuleBasedStateMachine):
     )
     def make_pool(self, budget: int, policy: Any, data: st.DataObject) -> None:
         threads = data.draw(st.integers(1, budget), label="threads")
-        self.pool = TokenPool(budget, threads=threads, policy=policy)
+        self.remembers = data.draw(st.booleans(), label="demand memory")
+        # A stopped clock makes every slot last 0 s, so the pool never learns a slot duration
+        # and keeps its demand peak: exact, whatever the steps' real timing.
+        _slots.perf_counter = lambda: 0.0  # type: ignore[assignment]
+        self.pool = TokenPool(
+            budget, threads=threads, policy=policy, demand_memory=2.0 if self.remembers else 0
+        )
         self.free = budget
         self.portal_cm = anyio.from_thread.start_blocking_portal(self.backend)
         self.portal = self.portal_cm.__enter__()
@@ -96,19 +109,26 @@ class PoolMachine(RuleBasedStateMachine):
 
     # -- the model ---------------------------------------------------------------------------
 
-    def need(self, actor: Actor, free: int, behind: int) -> int:
+    def need(self, actor: Actor, free: int, behind: int, in_flight: int) -> int:
         if actor.want is not None:
             return actor.want
         pool = self.p
         if pool.policy == "static":
             return pool.threads
-        # Written out independently of ElasticRule, on purpose.
-        return max(1, min(pool.threads, free // (behind + 1)))
+        # Written out independently of ElasticRule, on purpose: the share of the actors that
+        # were in flight at the peak but are not now stays free for them.
+        missing = self.peak - in_flight if self.remembers else 0
+        reserve = math.floor(missing * pool.budget / self.peak + 0.5) if missing > 0 else 0
+        return max(1, min(pool.threads, (free - reserve) // (behind + 1)))
+
+    def in_flight(self) -> int:
+        return len(self.holders) + len(self.queue)
 
     def model_dispatch(self) -> None:
+        in_flight = self.in_flight()
         while self.queue:
             head = self.queue[0]
-            need = self.need(head, self.free, len(self.queue) - 1)
+            need = self.need(head, self.free, len(self.queue) - 1, in_flight)
             if need > self.free:
                 return
             self.queue.pop(0)
@@ -116,8 +136,11 @@ class PoolMachine(RuleBasedStateMachine):
             self.holders[head.name] = need
 
     def model_arrive(self, actor: Actor) -> None:
+        # Counted even when it will not wait (timeout 0) or gives up soon (SHORT).
+        in_flight = self.in_flight() + 1
+        self.peak = max(self.peak, in_flight)
         if not self.queue:
-            need = self.need(actor, self.free, 0)
+            need = self.need(actor, self.free, 0, in_flight)
             if need <= self.free:
                 self.free -= need
                 self.holders[actor.name] = need
@@ -367,6 +390,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.broken = False
 
     def teardown(self) -> None:
+        _slots.perf_counter = self.real_clock  # type: ignore[assignment]
         if self.broken:
             self.abandon()
             return

@@ -26,7 +26,7 @@ from ._controllers import ThreadSetter, registered_controllers
 from ._detect import CpuBudget
 from ._forksafety import track_for_fork
 from ._plan import Plan, make_plan
-from ._slots import Grant, Policy, TokenPool
+from ._slots import DEFAULT_DEMAND_MEMORY, Grant, Policy, TokenPool
 from ._warnings import warn
 
 __all__ = [
@@ -159,7 +159,8 @@ class CpuSlots(TokenPool):
 
     *budget* is a count, a :class:`CpuBudget`, a :class:`Plan` (its per-process share) or
     ``None`` to detect and plan from the environment. The default policy is ``elastic``: a lone
-    request may use the whole budget, and grants shrink to one thread as load rises.
+    request may use the whole budget, and grants shrink to one thread as load rises
+    (``threads`` and ``demand_memory`` as for :class:`TokenPool`).
 
     Entering a sync slot sets the calling thread's limits; :meth:`run_sync` and
     :meth:`executor` run work in worker threads and set the limits there. An async slot only
@@ -177,6 +178,7 @@ class CpuSlots(TokenPool):
         policy: Policy = "elastic",
         threads: int | None = None,
         native_limits: bool = True,
+        demand_memory: float = DEFAULT_DEMAND_MEMORY,
     ) -> None:
         size = _size_of(budget)
         self._native = NativeThreadLimits(size) if native_limits else None
@@ -184,6 +186,7 @@ class CpuSlots(TokenPool):
             size,
             threads=threads,
             policy=policy,
+            demand_memory=demand_memory,
             on_enter=self._native.enter if self._native else None,
             on_exit=self._native.exit if self._native else None,
             # Async slots share the event loop's thread; their limits are applied in the worker

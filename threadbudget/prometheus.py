@@ -37,6 +37,12 @@ _POOL_METRICS = (
     ("gauge", "tokens_in_use", "CPU tokens granted now.", "in_use"),
     ("gauge", "slot_holders", "Units of work holding a slot now.", "holders"),
     ("gauge", "slot_waiters", "Units of work waiting for a slot now.", "waiting"),
+    (
+        "gauge",
+        "slot_recent_demand",
+        "Most units of work in flight lately, as elastic grants see it (0 under static).",
+        "recent_demand",
+    ),
     ("counter", "slot_timeouts", "Slot waits that timed out.", "timeouts"),
     ("counter", "slot_cancellations", "Slot waits cancelled or interrupted.", "cancellations"),
 )
