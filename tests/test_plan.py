@@ -372,7 +372,7 @@ def test_planned_values_follow_the_plan(
     if plan.passive_wait:
         assert passive_names <= set(values)
         assert values["OMP_WAIT_POLICY"] == "PASSIVE"
-        assert values["GOMP_SPINCOUNT"] == "0"
+        assert values["GOMP_SPINCOUNT"] == "10000"
         assert values["KMP_BLOCKTIME"] == "0"
     else:
         assert passive_names.isdisjoint(values)

@@ -64,7 +64,7 @@ class Plan:
             f"{self.threads} thread(s) = {self.total_threads} thread(s) for a budget of "
             f"{self.budget}.",
             f"Each process may use {self.process_budget} CPU(s); native pools wait "
-            + ("passively (no spinning)." if self.passive_wait else "as their defaults say."),
+            + ("passively (no long spins)." if self.passive_wait else "as their defaults say."),
         ]
         lines.extend(f"Note: {note}" for note in self.notes)
         return "\n".join(lines)
