@@ -12,10 +12,13 @@ Modes, each in a fresh subprocess because native pools read their environment wh
 
 * ``default``: no environment variables, no threadbudget: every request uses every core;
 * ``omp1``: ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` before import, no admission control;
-* ``static CxT``: ``CpuSlots(budget, policy="static", threads=T)``: C = budget // T requests in
-  flight, each running T native threads (the grid is derived from the budget);
-* ``elastic``: ``CpuSlots(budget)``, the default policy: a lone request gets the whole budget,
-  grants shrink to one thread as the queue grows.
+* ``static CxT``: threadbudget as deployed for C requests at once (``make_plan(budget,
+  concurrency=C)`` applied before the imports: T threads, passive waiting when C > 1) and
+  ``CpuSlots(budget, policy="static", threads=T)``: C = budget // T requests in flight, each
+  running T native threads (the grid is derived from the budget);
+* ``elastic``: the plan for ``budget`` requests at once applied before the imports (pools start
+  at one thread and wait passively), then ``CpuSlots(budget)``, the default policy: a lone
+  request gets the whole budget, grants shrink to one thread as load rises.
 
 The parent process (this file without ``--worker``) only orchestrates: it never loads numpy or
 torch, so its own threads cannot disturb the measurement.
@@ -223,10 +226,16 @@ def run_cell(
     total: int,
     cap_s: float,
 ) -> Json:
-    """N client threads issue ``total`` requests back to back (closed loop), within ``cap_s``.
+    """N client threads issue requests back to back (closed loop) until ``total`` are measured,
+    within ``cap_s``.
 
-    Each request's latency runs from issue (before waiting for a slot) to completion (after
-    the slot is released), so admission control pays for its queueing here.
+    The first round (until N requests have completed) is a warm-up: all clients start at once,
+    a thundering herd no steady load at N has, and a pool moving from the previous level's
+    grants to this level's adapts during it. The measured window starts at the N-th
+    completion: throughput is the completions after it over the time to the last one, and
+    latencies are those of the requests issued from then on (about ``total`` of them). Each
+    request's latency runs from issue (before waiting for a slot) to completion (after the slot
+    is released), so admission control pays for its queueing here.
     """
     lock = threading.Lock()
     issued = 0
@@ -242,7 +251,8 @@ def run_cell(
         try:
             while True:
                 with lock:
-                    if issued >= total or clock() >= deadline:
+                    # A round to warm up, and the requests issued during it.
+                    if issued >= total + 2 * concurrency - 1 or clock() >= deadline:
                         return
                     issued += 1
                 issue = clock()
@@ -273,15 +283,24 @@ def run_cell(
     wall_s = clock() - start
     if errors:
         raise errors[0]
-    end = max(done for _, _, done in records)
+    records.sort(key=lambda record: record[2])
+    warm_up_end = records[min(concurrency, len(records)) - 1][2]
+    completed = sum(1 for _, _, done in records if done > warm_up_end)
+    measured = [record for record in records if record[0] >= warm_up_end]
+    if not measured:  # capped before the warm-up round was over: measure what there is
+        measured, warm_up_end, completed = records, start, len(records)
+    end = records[-1][2]
+    warm_up_requests = len(records) - len(measured)
+    records = measured
     return {
         "requests": len(records),
         "target_requests": total,
+        "warm_up_requests": warm_up_requests,
         "capped": len(records) < total,
-        "elapsed_s": end - start,
+        "elapsed_s": end - warm_up_end,
         "cores_used": cpu_s / wall_s,
         "other_cores": others_s / wall_s,
-        "throughput": len(records) / (end - start),
+        "throughput": completed / (end - warm_up_end),
         # Microseconds as ints keep the raw JSON small and are far finer than the noise.
         "latencies_us": [round((done - issue) * 1e6) for issue, _, done in records],
         "waits_us": [round((granted - issue) * 1e6) for issue, granted, _ in records],
@@ -291,19 +310,24 @@ def run_cell(
 
 def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes, round_no: int) -> int:
     mode = mode_from_key(mode_key)
-    loaded_at = time.perf_counter()
-    request = load_workload(workload)
-    load_s = time.perf_counter() - loaded_at
-
     pool: Any = None
     if mode.kind in ("static", "elastic"):
         # Imported only in these modes: "default" and "omp1" must run without threadbudget.
-        from threadbudget import CpuSlots
+        import threadbudget
 
+        # As deployed (`threadbudget run --concurrency C`, or apply_plan first thing): the plan
+        # for the requests the slots run at once, applied before numpy and torch load, so pools
+        # start at T threads and wait passively when C > 1. Elastic slots run up to the budget
+        # at once and raise a lone request's threads at run time.
+        concurrency = budget // mode.threads if mode.kind == "static" else budget
+        threadbudget.apply_plan(threadbudget.make_plan(budget, concurrency=concurrency))
         if mode.kind == "static":
-            pool = CpuSlots(budget, policy="static", threads=mode.threads)
+            pool = threadbudget.CpuSlots(budget, policy="static", threads=mode.threads)
         else:
-            pool = CpuSlots(budget)
+            pool = threadbudget.CpuSlots(budget)
+    loaded_at = time.perf_counter()
+    request = load_workload(workload)
+    load_s = time.perf_counter() - loaded_at
 
     def gate() -> AbstractContextManager[object]:
         return pool.slot() if pool is not None else contextlib.nullcontext()
@@ -533,12 +557,22 @@ class Cell:
             "p99_ms": percentile(latencies, 99),
             "wait_p50_ms": percentile(waits, 50),
             "wait_p99_ms": percentile(waits, 99),
+            # Within each run, then the median over runs: pooling runs would add the drift of
+            # a shared machine between runs to the spread of the waits inside one.
+            "wait_ratio_runs": [_wait_ratio(run["waits_us"]) for run in self.runs],
+            "wait_ratio": statistics.median(_wait_ratio(run["waits_us"]) for run in self.runs),
             "service_p50_ms": percentile(service, 50),
             "cores_used": statistics.median(run["cores_used"] for run in self.runs),
             "other_cores": statistics.median(run["other_cores"] for run in self.runs),
             "other_cores_max": max(run["other_cores"] for run in self.runs),
             "grants_by_size": grants,
         }
+
+
+def _wait_ratio(waits_us: Sequence[float]) -> float:
+    """p99 / p50 of one run's slot waits (nan when the median wait is 0: nobody queued)."""
+    p50 = percentile(waits_us, 50)
+    return percentile(waits_us, 99) / p50 if p50 > 0 else float("nan")
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -770,7 +804,8 @@ def render_markdown(report: Json) -> str:
     sizes = report["sizes"]
     add(
         f"{sizes['rounds']} round(s), mode order rotated each round; cap "
-        f"{sizes['cell_cap_s']:.0f} s per cell. Throughput: median of per-run throughputs "
+        f"{sizes['cell_cap_s']:.0f} s per cell; each run of a cell begins with one unmeasured "
+        f"warm-up round (N requests). Throughput: median of per-run throughputs "
         f"[min-max]. p50/p99: over the pooled latencies of all runs (issue to completion, "
         f"slot wait included). Wait: time spent waiting for the slot. Run: time inside "
         f"the slot (the work itself). Cores used: this process's CPU time / elapsed (median "
@@ -823,17 +858,27 @@ def render_markdown(report: Json) -> str:
         add("")
         add(f"### {workload}: slot wait under saturation")
         add("")
-        add("| N | mode | wait p50 ms | wait p99 ms | p99 / p50 (elastic target <= 1.5) |")
-        add("|---:|---|---:|---:|---:|")
+        add(
+            "p99 / p50 of the slot waits within each run, median of the runs (elastic target "
+            "<= 1.5), and the same over the pooled waits of all runs."
+        )
+        add("")
+        add(
+            "| N | mode | wait p50 ms | wait p99 ms | p99 / p50, per run (median) | per run "
+            "| p99 / p50, pooled |"
+        )
+        add("|---:|---|---:|---:|---:|---|---:|")
         for s in report["summaries"]:
             saturated = s["concurrency"] > budget and s["mode"] not in ("default", "omp1")
             if s["workload"] != workload or not saturated:
                 continue
-            ratio = s["wait_p99_ms"] / s["wait_p50_ms"] if s["wait_p50_ms"] > 0 else float("nan")
+            ratio = s["wait_ratio"]
+            pooled = s["wait_p99_ms"] / s["wait_p50_ms"] if s["wait_p50_ms"] > 0 else float("nan")
             mark = f" {_mark(ratio <= 1.5)}" if s["mode"] == "elastic" else ""
+            runs = ", ".join(_f(r, 2) for r in s["wait_ratio_runs"])
             add(
                 f"| {s['concurrency']} | {s['label']} | {_f(s['wait_p50_ms'])} | "
-                f"{_f(s['wait_p99_ms'])} | {_f(ratio, 2)}{mark} |"
+                f"{_f(s['wait_p99_ms'])} | {_f(ratio, 2)}{mark} | {runs} | {_f(pooled, 2)} |"
             )
     add("")
     add("## Slot enter + exit, uncontended (median of repeats, microseconds)")
