@@ -132,6 +132,51 @@ def test_info_without_imports_lists_no_numpy_pool() -> None:
     assert not [pool for pool in pools if pool.get("internal_api") == "openblas"]
 
 
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_info_import_torch_warns_of_its_threads_per_calling_thread() -> None:
+    import psutil
+
+    physical = psutil.cpu_count(logical=False)
+    assert physical is not None
+    if physical < 2:
+        pytest.skip("needs 2 physical cores for torch's default to exceed a 1-CPU budget")
+    info = info_json("-i", "torch", "--cpus", "1")
+    (torch_pool,) = info["pools"]["torch"]
+    assert torch_pool["num_threads"] == physical
+    warning = (
+        f"torch will start {physical} threads per calling thread, but the plan gives each task 1"
+    )
+    assert any(w.startswith(warning) for w in info["warnings"]), info["warnings"]
+    text = cli("info", "-i", "torch", "--cpus", "1")
+    assert text.returncode == 0, text.stderr
+    assert warning in text.stdout
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_info_warns_about_torch_before_it_is_imported() -> None:
+    import psutil
+
+    physical = psutil.cpu_count(logical=False)
+    assert physical is not None
+    if physical < 2:
+        pytest.skip("needs 2 physical cores for torch's default to exceed a 1-CPU budget")
+    info = info_json("--cpus", "1")
+    assert "torch" not in info["pools"]
+    assert any(
+        w.startswith(f"torch will start {physical} threads per calling thread (its default is")
+        and w.endswith("apply the budget before importing torch")
+        for w in info["warnings"]
+    ), info["warnings"]
+    # Once the budget is in the environment, torch would start within it: no warning.
+    applied = info_json("--cpus", "1", env=clean_env(OMP_NUM_THREADS="1"))
+    assert not any(w.startswith("torch will start") for w in applied["warnings"])
+
+
 def test_info_import_of_a_missing_module_is_a_warning() -> None:
     info = info_json("-i", "no_such_module_xyz")
     assert any("no_such_module_xyz" in warning for warning in info["warnings"])
@@ -294,6 +339,36 @@ def test_nested_run_replans_the_parents_values() -> None:
     assert result.returncode == 0, result.stderr
     # The inner run re-plans with 1 task on the 2 CPUs the outer one handed down.
     assert result.stdout.strip() == "2"
+
+
+def test_run_execs_the_command_itself_without_a_shell() -> None:
+    # The command replaces the threadbudget process (same pid, nothing in between), and its
+    # arguments reach it as they are: no shell expands or splits them.
+    literal = "$HOME; echo injected `id` *"
+    code = "import os, sys; print(os.getpid()); print(sys.argv[1])"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "threadbudget",
+            "run",
+            "-q",
+            "--",
+            sys.executable,
+            "-c",
+            code,
+            literal,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    pid, argument = out.splitlines()
+    assert int(pid) == process.pid
+    assert argument == literal
 
 
 def test_run_passes_the_exit_status_through() -> None:

@@ -247,3 +247,41 @@ def test_a_replacement_worker_takes_the_index_of_the_one_it_replaces(workdir: Pa
     assert len(live) == 2, live
     assert sorted(report["index"] for report in live) == ["0", "1"], live
     assert sum(report["share"] for report in live) == 3, live
+
+
+# Preloaded: the master imports the app, and torch starts its OpenMP pool there before any fork.
+PRELOADED_TORCH_APP = r"""
+import torch
+
+torch.ones(256, 256) @ torch.ones(256, 256)  # the master's pool is now running
+
+
+def app(environ, start_response):
+    # No torch here: a child forked over a started libgomp pool may hang in a parallel region.
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "2")])
+    return [b"{}"]
+"""
+
+
+@pytest.mark.torch
+def test_preloading_torch_in_the_master_warns_before_the_fork(workdir: Path) -> None:
+    pytest.importorskip("torch")
+    _setup(workdir, PRELOADED_TORCH_APP)
+    port = free_port()
+    env = python_env(PYTHONPATH=pythonpath(workdir), THREADBUDGET_CPUS="2")
+    env.pop("WEB_CONCURRENCY", None)
+    argv = gunicorn_argv(workdir, port, "--workers", "2", "--worker-class", "sync", "--preload")
+    with running(argv, cwd=workdir, env=env, log=workdir / "gunicorn.log") as server:
+        wait_until(
+            lambda: server.output().count("threadbudget: worker") >= 2,
+            "both workers' post_fork to log",
+            START_TIMEOUT,
+            server.check_alive,
+        )
+        wait_for_http(server, port)
+        output = server.output()
+    assert "forking while" in output, output
+    assert "torch (libgomp / MKL)" in output, output
+    assert "gunicorn preload_app = False" in output, output
+    # Once per master, not once per fork.
+    assert output.count("forking while") == 1, output

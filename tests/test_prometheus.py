@@ -381,3 +381,40 @@ def test_module_imports_without_prometheus_client() -> None:
     assert result.returncode == 0, result.stderr
     assert "missing:" in result.stdout
     assert "threadbudget[prometheus]" in result.stdout
+
+
+# -- the watchdog ------------------------------------------------------------------------------
+
+
+def test_watchdog_scrape_matches_its_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import Counter
+
+    from threadbudget import Watchdog, _watchdog
+    from threadbudget.prometheus import WatchdogCollector, register_watchdog
+
+    runnable = iter([5, 5, 5, 5, 1])
+
+    def sample(exclude: int | None = None) -> tuple[int, int, Counter[str]]:
+        count = next(runnable)
+        return count, count + 3, Counter({"python": count})
+
+    monkeypatch.setattr(_watchdog, "runnable_threads", sample)
+    watchdog = Watchdog(2, interval=1.0, persist=2.0)
+    registry = CollectorRegistry()
+    collector = register_watchdog(watchdog, registry=registry)
+    assert isinstance(collector, WatchdogCollector)
+    for second in range(5):
+        watchdog.sample(now=float(second))
+    snap = watchdog.snapshot()
+    assert snap.warnings == 1  # what the scrape must show, not only zeros
+    samples = scrape(registry)
+    assert value(samples, "threadbudget_runnable_threads") == snap.last_runnable == 1
+    assert value(samples, "threadbudget_runnable_threads_peak") == snap.peak_runnable == 5
+    assert value(samples, "threadbudget_os_threads_peak") == snap.peak_threads == 8
+    assert value(samples, "threadbudget_oversubscribed_seconds_total") == pytest.approx(
+        snap.oversubscribed_seconds
+    )
+    assert snap.oversubscribed_seconds > 0
+    assert value(samples, "threadbudget_oversubscription_warnings_total") == 1
+    with pytest.raises(TypeError, match="expected a Watchdog"):
+        WatchdogCollector(object())  # type: ignore[arg-type]

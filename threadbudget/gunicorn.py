@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._apply import AppliedBudget
+from ._forksafety import install_fork_safety
 from ._workers import apply_worker_budget
 
 __all__ = ["post_fork", "pre_fork"]
@@ -29,8 +30,11 @@ def pre_fork(server: Any, worker: Any) -> None:
     """gunicorn's ``pre_fork`` hook (runs in the master): give the new worker a free index.
 
     A replacement worker (after a crash, ``max_requests`` or a reload) takes the lowest index
-    no live worker holds, so the shares stay spread over the live workers.
+    no live worker holds, so the shares stay spread over the live workers. It also arms the
+    fork-safety check in the master, so a master that started a native pool (``preload_app``
+    with torch or numpy) is warned about before the fork, with the fix.
     """
+    install_fork_safety()
     taken = {getattr(live, _INDEX, None) for live in getattr(server, "WORKERS", {}).values()}
     index = 0
     while index in taken:
