@@ -765,6 +765,25 @@ def acceptance(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def server_stack() -> str:
+    """What both servers run on: uvicorn picks uvloop and httptools when they are installed."""
+    import importlib.metadata
+    import importlib.util
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+
+    loop = f"uvloop {version('uvloop')}" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = f"httptools {version('httptools')}" if importlib.util.find_spec("httptools") else "h11"
+    return (
+        f"uvicorn {version('uvicorn')} ({loop}, {http}), FastAPI {version('fastapi')}, "
+        f"numpy {version('numpy')}, torch {version('torch')}"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     config = results["config"]
     modes = config["modes"]
@@ -776,6 +795,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Load averages (1, 5, 15 min) before: {meta['loadavg_before']}, "
         f"after: {meta['loadavg_after']}.",
         f"Command: `{meta['command']}`",
+        f"Servers (both modes): {meta.get('server_stack', 'not recorded')}.",
         "",
         f"Closed loop, medians over {config['repeats']} repeat(s) per point, modes alternated. "
         "CPU utilisation is a share of the whole machine (100 % = all cores).",
@@ -1223,6 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Python {platform.python_version()}",
             "loadavg_before": [round(x, 2) for x in os.getloadavg()],
             "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
+            "server_stack": server_stack(),
         },
         "config": {
             "modes": args.mode_list,
