@@ -18,6 +18,11 @@ Serve it with ``python serve.py --mode threadbudget`` (or ``INFERENCE_MODE=threa
 app:app --host 127.0.0.1``). Endpoints:
 
 * ``POST /embed`` ``{"sentences": [...]}``: all-MiniLM-L6-v2 embeddings (sync ``def``).
+* ``POST /embed-one`` ``{"sentence": "..."}``: one sentence, one model call (sync ``def``).
+* ``POST /embed-batched`` ``{"sentence": "..."}``, threadbudget mode only: one sentence, batched
+  with its neighbours by a ``MicroBatcher`` whose batches run in the middleware's ``CpuSlots``
+  (``async def``; exempt from the middleware's queue, the batcher's own queue bound answers
+  overflow with 503 and Retry-After).
 * ``GET /matmul?size=256&repeats=20``: numpy matrix products (sync ``def``).
 * ``GET /health``: liveness, never queued.
 * ``GET /info``: mode, plan and admission counters, never queued (the load test records it).
@@ -74,8 +79,17 @@ from pydantic import BaseModel, Field  # noqa: E402
 
 MATRIX_SIZE = 256
 MAX_SENTENCES = 256
+MAX_SENTENCE_CHARS = 2000
+# The batched endpoint: as many sentences as one forward pass takes well, and a wait that is
+# short next to the ~50-200 ms such a batch takes on 2 CPUs.
+BATCH_SIZE = 32
+BATCH_WAIT_S = 0.01
 
 _state: dict[str, Any] = {}
+
+
+class SentenceRequest(BaseModel):
+    sentence: str = Field(min_length=1, max_length=MAX_SENTENCE_CHARS)
 
 
 class EmbedRequest(BaseModel):
@@ -114,16 +128,46 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers:
         if "numpy" in lib.filepath:
             _state["blas_threads"] = lib.get_num_threads
+    if _slots is not None:
+        _state["batcher"] = threadbudget.MicroBatcher(
+            _encode_batch,
+            slots=_slots,
+            max_batch_size=BATCH_SIZE,
+            max_wait=BATCH_WAIT_S,
+            name="embed-batched",
+        )
     yield
+    if "batcher" in _state:
+        _state["batcher"].close()
     _state.clear()
 
 
+def _encode_batch(sentences: list[str]) -> list[tuple[int, int]]:
+    # Runs in the batcher's thread, inside the batch's slot: torch uses the batch's grant.
+    vectors = _state["model"].encode(sentences, batch_size=BATCH_SIZE)
+    threads = _torch_threads()
+    return [(int(vector.shape[0]), threads) for vector in vectors]
+
+
+# threadbudget mode: the one pool that admits requests and runs batches, this process's share
+# of the plan. INFERENCE_POLICY: "elastic" (CpuSlots' default: a lone request gets the whole
+# budget) or "static" (every request one thread), to compare the two grant policies.
+_slots: Any = None
+if MODE == "threadbudget":
+    _policy_name = os.environ.get("INFERENCE_POLICY", "elastic")
+    if _policy_name not in ("elastic", "static"):
+        raise SystemExit(f"INFERENCE_POLICY must be 'elastic' or 'static', got {_policy_name!r}")
+    _policy: Literal["elastic", "static"] = "static" if _policy_name == "static" else "elastic"
+    _slots = threadbudget.CpuSlots(_applied.plan, policy=_policy)
+
 fastapi_app = FastAPI(title=f"inference server ({MODE})", lifespan=lifespan)
 if MODE == "threadbudget":
-    from threadbudget.fastapi import BudgetRoute
+    from threadbudget.fastapi import BudgetRoute, add_batch_overflow_handler
 
     # Before the routes are declared: every sync endpoint then runs with its request's grant.
     fastapi_app.router.route_class = BudgetRoute
+    # A full batch queue answers 503 with Retry-After, like the middleware's queue.
+    add_batch_overflow_handler(fastapi_app)
 
 
 @fastapi_app.post("/embed")
@@ -140,6 +184,29 @@ def embed(request: EmbedRequest) -> dict[str, Any]:
     if request.return_embeddings:
         body["embeddings"] = vectors.tolist()
     return body
+
+
+@fastapi_app.post("/embed-one")
+def embed_one(request: SentenceRequest) -> dict[str, Any]:
+    started = time.perf_counter()
+    vector = _state["model"].encode([request.sentence])[0]
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    return {
+        "dim": int(vector.shape[0]),
+        "inference_ms": round(elapsed_ms, 3),
+        "threads": _torch_threads(),
+    }
+
+
+if MODE == "threadbudget":
+
+    @fastapi_app.post("/embed-batched")
+    async def embed_batched(request: SentenceRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        dim, threads = await _state["batcher"](request.sentence)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        # inference_ms: from queueing to the result, the batch's wait and run included.
+        return {"dim": dim, "inference_ms": round(elapsed_ms, 3), "threads": threads}
 
 
 @fastapi_app.get("/matmul")
@@ -171,6 +238,19 @@ async def info() -> dict[str, Any]:
     if _applied is not None:
         data["plan"] = _applied.plan.to_dict()
         data["env_set"] = dict(_applied.env_set)
+    if "batcher" in _state:
+        batches = _state["batcher"].snapshot()
+        data["batcher"] = {
+            "batches": batches.batches,
+            "items": batches.items,
+            "mean_batch_size": batches.mean_batch_size,
+            "failed_batches": batches.failed_batches,
+            "rejected": batches.rejected,
+            "service_seconds_total": batches.service_seconds_total,
+            "queue_wait_seconds_total": batches.queue_wait_seconds_total,
+            "max_batch_size": BATCH_SIZE,
+            "max_wait": BATCH_WAIT_S,
+        }
     if budget_app is not None:
         snapshot = budget_app.slots.snapshot()
         admission = budget_app.admission
@@ -204,16 +284,12 @@ if MODE == "threadbudget":
     # INFERENCE_MAX_QUEUE: requests allowed to wait for a slot (unset: the library's default,
     # 8 x budget); beyond that, and after 30 s of waiting, requests get 503 with Retry-After.
     _max_queue = os.environ.get("INFERENCE_MAX_QUEUE")
-    # INFERENCE_POLICY: "elastic" (CpuSlots' default: a lone request gets the whole budget) or
-    # "static" (every request one thread), to compare the two grant policies.
-    _policy_name = os.environ.get("INFERENCE_POLICY", "elastic")
-    if _policy_name not in ("elastic", "static"):
-        raise SystemExit(f"INFERENCE_POLICY must be 'elastic' or 'static', got {_policy_name!r}")
-    _policy: Literal["elastic", "static"] = "static" if _policy_name == "static" else "elastic"
     budget_app = BudgetMiddleware(
         fastapi_app,
-        threadbudget.CpuSlots(_applied.plan, policy=_policy),
+        _slots,
         max_queue=int(_max_queue) if _max_queue else None,
-        exempt_paths=("/health", "/info"),
+        # The batched endpoint waits in the batcher's queue, not here: admitted one request at a
+        # time per token, its batches could never hold more than a budget's worth of sentences.
+        exempt_paths=("/health", "/info", "/embed-batched"),
     )
     app = budget_app

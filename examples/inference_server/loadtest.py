@@ -9,7 +9,10 @@ drifts of a shared machine hit both alike, and always stops the servers. Loads:
 * open loop: requests fired at a fixed rate for a bounded time, whatever the answers do;
 * ``--overload``: an open loop at 5x the measured capacity against the threadbudget server,
   checking that overflow gets 503 with Retry-After, nothing hangs, memory stays flat and
-  ``/health`` stays fast.
+  ``/health`` stays fast;
+* ``--batching``: one-sentence requests at a fixed concurrency against the threadbudget server,
+  once through ``/embed-one`` (a model call per request) and once through ``/embed-batched``
+  (a ``MicroBatcher`` in the same slots), alternating, and the batches they formed.
 
 While a run lasts, the server's OS threads are counted every 50 ms, and its CPU time, this
 process's CPU time (the load generator shares the machine) and the machine's are measured.
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import itertools
 import json
 import math
 import os
@@ -108,6 +112,16 @@ class Workload:
     body: dict[str, Any] | None
     requests: int  # measured requests per closed-loop run (defaults; --requests overrides)
     quick_requests: int
+    # Bodies sent in turn, when requests differ (one sentence each); otherwise ``body``.
+    bodies: tuple[dict[str, Any], ...] = ()
+
+    def next_body(self) -> dict[str, Any] | None:
+        if not self.bodies:
+            return self.body
+        return self.bodies[next(_sent) % len(self.bodies)]
+
+
+_sent = itertools.count()
 
 
 def workloads(sentences: int) -> dict[str, Workload]:
@@ -118,6 +132,15 @@ def workloads(sentences: int) -> dict[str, Workload]:
         "embed": Workload(
             "embed", "POST", "/embed", {"sentences": make_sentences(sentences)}, 60, 30
         ),
+    }
+
+
+def batching_workloads() -> dict[str, Workload]:
+    """One sentence per request (each request the next of 216 varied ones), two ways."""
+    bodies = tuple({"sentence": sentence} for sentence in make_sentences(216))
+    return {
+        "unbatched": Workload("unbatched", "POST", "/embed-one", None, 320, 160, bodies),
+        "batched": Workload("batched", "POST", "/embed-batched", None, 320, 160, bodies),
     }
 
 
@@ -372,7 +395,7 @@ async def send(
         response = await client.request(
             workload.method,
             workload.path,
-            json=workload.body,
+            json=workload.next_body(),
             timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
         )
     except httpx.TimeoutException:
@@ -860,6 +883,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| admission counters after | {overload.get('admission_after')} |",
             "",
         ]
+    if results.get("batching", {}).get("summary"):
+        out += batching_markdown(results["batching"])
     if results.get("acceptance"):
         out += ["## Acceptance targets", "", "| target | measured | met |", "|---|---|---|"]
         for check in results["acceptance"]:
@@ -973,6 +998,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overload-workload", default="embed", choices=WORKLOADS)
     parser.add_argument("--overload-duration", type=float, default=20.0)
     parser.add_argument(
+        "--batching",
+        action="store_true",
+        help="also compare one-sentence requests unbatched and micro-batched on the "
+        "threadbudget server",
+    )
+    parser.add_argument(
+        "--batching-concurrency",
+        type=int,
+        default=32,
+        help="closed-loop clients of the batching comparison (default 32)",
+    )
+    parser.add_argument(
         "--max-queue",
         type=int,
         default=None,
@@ -1053,6 +1090,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--overload needs the threadbudget mode")
     if not args.concurrency_list or min(args.concurrency_list) < 1:
         parser.error("--concurrency needs whole numbers >= 1")
+    if args.batching_concurrency < 1:
+        parser.error("--batching-concurrency needs a whole number >= 1")
     return args
 
 
@@ -1197,6 +1236,99 @@ async def run_workload(
     }
 
 
+async def run_batching(args: argparse.Namespace, server: Server, results: dict[str, Any]) -> None:
+    """Unbatched and batched one-sentence requests on one threadbudget server, alternating."""
+    section: dict[str, Any] = {"concurrency": args.batching_concurrency, "runs": []}
+    results["batching"] = section
+    kinds = batching_workloads()
+    for repeat in range(args.repeats):
+        order = ["unbatched", "batched"] if repeat % 2 == 0 else ["batched", "unbatched"]
+        for kind in order:
+            workload = kinds[kind]
+            requests = args.requests or (
+                workload.quick_requests if args.quick else workload.requests
+            )
+            closed = functools.partial(
+                closed_loop, server, workload, args.batching_concurrency, requests, args.duration
+            )
+            before = server.info().get("batcher", {})
+            run = await gated(args, results, closed)
+            after = server.info().get("batcher", {})
+            run.update({"kind": kind, "repeat": repeat})
+            if kind == "batched" and after:
+                batches = after["batches"] - before.get("batches", 0)
+                run["batches"] = batches
+                run["mean_batch_size"] = (after["items"] - before.get("items", 0)) / max(batches, 1)
+                run["mean_service_s"] = (
+                    after["service_seconds_total"] - before.get("service_seconds_total", 0.0)
+                ) / max(batches, 1)
+                run["p99_bound_ms"] = (after["max_wait"] + 2 * run["mean_service_s"]) * 1000
+            section["runs"].append(run)
+            log(
+                f"batching c={args.batching_concurrency} {kind:9} rep {repeat}: "
+                f"{run['throughput']:6.1f} req/s  p50 {run['lat_p50_ms']:6.0f} ms  "
+                f"p99 {run['lat_p99_ms']:6.0f} ms  server cpu {run['server_cpu']:.0%}  "
+                f"loadgen {run['loadgen_cpu']:.0%}  statuses {run['statuses']}"
+                + (f"  batches of {run['mean_batch_size']:.1f}" if "batches" in run else "")
+            )
+    section["server_info"] = server.info()
+    section["summary"] = {
+        kind: {
+            key: median_of([r for r in section["runs"] if r["kind"] == kind], key)
+            for key in ("throughput", "lat_p50_ms", "lat_p99_ms", "server_cpu", "loadgen_cpu")
+        }
+        for kind in kinds
+    }
+    batched = [r for r in section["runs"] if r["kind"] == "batched" and "batches" in r]
+    if batched:
+        summary = section["summary"]["batched"]
+        for key in ("mean_batch_size", "mean_service_s", "p99_bound_ms"):
+            summary[key] = median_of(batched, key)
+
+
+def batching_markdown(section: dict[str, Any]) -> list[str]:
+    summary = section["summary"]
+    c = section["concurrency"]
+    out = [
+        f"## Micro-batching: one sentence per request, concurrency {c} (threadbudget server)",
+        "",
+        "`/embed-one`: one model call per request, admitted by the middleware; "
+        "`/embed-batched`: a `MicroBatcher` (max 32 per batch, max wait 10 ms) whose batches run "
+        "in the same slots. Medians of the runs; the load generator runs on the same CPUs.",
+        "",
+        "| mode | throughput (req/s) | per run | p50 (ms) | p99 (ms) | server CPU | "
+        "load generator CPU |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for kind in ("unbatched", "batched"):
+        runs = [r for r in section["runs"] if r["kind"] == kind]
+        point = summary[kind]
+        out.append(
+            f"| {kind} | {point['throughput']:.1f} | "
+            + ", ".join(f"{r['throughput']:.1f}" for r in runs)
+            + f" | {point['lat_p50_ms']:.0f} | {point['lat_p99_ms']:.0f} | "
+            f"{point['server_cpu']:.0%} | {point['loadgen_cpu']:.0%} |"
+        )
+    batched = summary["batched"]
+    ratio_ = batched["throughput"] / summary["unbatched"]["throughput"]
+    out += ["", f"Batched / unbatched throughput: {ratio_:.2f}x."]
+    if "mean_batch_size" in batched:
+        out += [
+            f"Batches: mean size {batched['mean_batch_size']:.1f}, mean service "
+            f"{batched['mean_service_s'] * 1000:.0f} ms; batched p99 {batched['lat_p99_ms']:.0f} "
+            f"ms against max_wait + 2 x mean service = {batched['p99_bound_ms']:.0f} ms.",
+        ]
+    out += [
+        "",
+        "For comparison only: the batching targets (>= 3x, p99 within max_wait + 2 x service) "
+        "are set for the in-process benchmark (`benchmarks/batching.py`); over HTTP each request "
+        "also pays parsing and the load generator's share of the same CPUs, and arrivals "
+        "spread over the event loop decide how full a batch gets.",
+        "",
+    ]
+    return out
+
+
 def _json_safe(value: Any) -> Any:
     """NaN (a percentile of no samples) becomes null, so the file is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -1259,6 +1391,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_other_cpu": args.max_other_cpu,
             "retries": args.retries,
             "quick": args.quick,
+            "batching": args.batching,
         },
         "runs": [],
         "summary": {},
@@ -1273,6 +1406,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"starting servers for {name}: {', '.join(args.mode_list)}")
             with running_servers(args.mode_list, out, name, max_queue, args.policy) as servers:
                 asyncio.run(run_workload(args, workload, servers, results))
+        if args.batching:
+            log("starting a threadbudget server for the batching comparison")
+            # Its clients queue in the middleware (unbatched) or the batcher (batched), never
+            # shed: the queue bound is at least the concurrency.
+            queue = max(max_queue, args.batching_concurrency)
+            with running_servers(["threadbudget"], out, "batching", queue, args.policy) as servers:
+                asyncio.run(run_batching(args, servers["threadbudget"], results))
     except KeyboardInterrupt:
         log("interrupted; servers stopped; writing what was measured")
     results["meta"]["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -1282,14 +1422,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
     report = markdown(results)
     (out / "results.md").write_text(report + "\n")
-    if results["summary"]:
+    written = [out / "results.json", out / "results.md"]
+    if results["summary"]:  # the plot is of the concurrency sweeps
         plot(results, out / "loadtest.png")
+        written.append(out / "loadtest.png")
     print()
     print(report)
-    print(
-        f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loadtest.png'} "
-        f"in {results['meta']['elapsed_s']:.0f} s"
-    )
+    print(f"\nwrote {', '.join(map(str, written))} in {results['meta']['elapsed_s']:.0f} s")
     return 0
 
 
