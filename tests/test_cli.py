@@ -135,15 +135,21 @@ def test_info_without_imports_lists_no_numpy_pool() -> None:
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
-@pytest.mark.torch
-@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
-def test_info_import_torch_warns_of_its_threads_per_calling_thread() -> None:
+def torch_default_threads() -> int:
+    """torch's default intra-op threads (the physical cores); skips below 2 (nothing to warn)."""
     import psutil
 
     physical = psutil.cpu_count(logical=False)
     assert physical is not None
     if physical < 2:
         pytest.skip("needs 2 physical cores for torch's default to exceed a 1-CPU budget")
+    return int(physical)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_info_import_torch_warns_of_its_threads_per_calling_thread() -> None:
+    physical = torch_default_threads()
     info = info_json("-i", "torch", "--cpus", "1")
     (torch_pool,) = info["pools"]["torch"]
     assert torch_pool["num_threads"] == physical
@@ -159,12 +165,7 @@ def test_info_import_torch_warns_of_its_threads_per_calling_thread() -> None:
 @pytest.mark.torch
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
 def test_info_warns_about_torch_before_it_is_imported() -> None:
-    import psutil
-
-    physical = psutil.cpu_count(logical=False)
-    assert physical is not None
-    if physical < 2:
-        pytest.skip("needs 2 physical cores for torch's default to exceed a 1-CPU budget")
+    physical = torch_default_threads()
     info = info_json("--cpus", "1")
     assert "torch" not in info["pools"]
     assert any(

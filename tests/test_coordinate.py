@@ -352,7 +352,7 @@ def test_default_policy_is_elastic_with_the_whole_budget_as_cap() -> None:
     capped = CpuSlots(4, threads=2)
     with capped.slot() as grant:
         assert grant == 2
-    assert slots.demand_memory == 2.0
+    assert slots.demand_memory == 1.0
     assert CpuSlots(4, demand_memory=0.5).demand_memory == 0.5
     with pytest.raises(ValueError, match="demand_memory must be a finite number"):
         CpuSlots(4, demand_memory=-1)

@@ -313,7 +313,8 @@ def test_two_alternating_clients_run_side_by_side(clock: FakeClock) -> None:
 
 
 def test_demand_is_forgotten_with_a_half_life_of_slot_durations(clock: FakeClock) -> None:
-    pool = TokenPool(8, policy="elastic")
+    assert TokenPool(8, policy="elastic").demand_memory == 1.0
+    pool = TokenPool(8, policy="elastic", demand_memory=2.0)
     assert pool.demand_memory == 2.0
     holders = [hold(pool, 2) for _ in range(4)]
     clock.now += 0.5  # every slot held 0.5 s
@@ -332,6 +333,24 @@ def test_demand_is_forgotten_with_a_half_life_of_slot_durations(clock: FakeClock
     with pool.slot() as grant:
         assert grant == 8
     assert pool.snapshot().recent_demand == 1.0
+
+
+def test_a_client_left_alone_gets_the_whole_budget_on_its_second_request(
+    clock: FakeClock,
+) -> None:
+    # Two clients established a demand of 2; then one stops. With the default memory (one slot
+    # duration) the remaining client's first request still keeps a token for the other, its
+    # second one no longer does.
+    pool = TokenPool(2, policy="elastic")
+    first, second = hold(pool, 1), hold(pool, 1)
+    clock.now += 0.2
+    first.finish()
+    second.finish()
+    with pool.slot() as grant:
+        assert grant == 1  # a moment ago two were in flight
+        clock.now += 0.2  # held as long as the others
+    with pool.slot() as grant:
+        assert grant == 2  # one half-life later the demand is 1: nothing to keep
 
 
 def test_without_demand_memory_only_the_queue_counts(clock: FakeClock) -> None:
@@ -353,8 +372,8 @@ def test_demand_before_any_slot_ended_is_kept(clock: FakeClock) -> None:
         pool.slot(timeout=0.01).__enter__()  # a second unit came and went
     clock.now += 100.0
     assert pool.snapshot().recent_demand == 2.0
-    first.finish()  # held 100 s: half-life 200 s, so 100 s after the peak it is 2 / sqrt(2)
-    assert pool.snapshot().recent_demand == pytest.approx(2**0.5)
+    first.finish()  # held 100 s: a half-life of 100 s, so 100 s after the peak it is 2 / 2
+    assert pool.snapshot().recent_demand == pytest.approx(1.0)
 
 
 def test_static_pools_do_not_track_demand(clock: FakeClock) -> None:

@@ -76,7 +76,10 @@ answers 1 when nothing is free).
 
 #: Default of ``TokenPool(demand_memory=)``: past demand is forgotten with a half-life of this
 #: many average slot durations.
-DEFAULT_DEMAND_MEMORY: Final = 2.0
+# One: a client between two requests comes back within a small part of a slot's duration (well
+# under a millisecond in process, a few over HTTP), which is all the memory has to bridge;
+# longer makes a lone client that stays pay for its departed peers' reserve on its next request.
+DEFAULT_DEMAND_MEMORY: Final = 1.0
 
 # Upper bounds in seconds, Prometheus style (a wait w lands in the first bucket with w <= bound).
 # Fixed rather than configurable so snapshots from different pools and processes add up.
