@@ -366,14 +366,14 @@ def test_without_demand_memory_only_the_queue_counts(clock: FakeClock) -> None:
 
 def test_demand_before_any_slot_ended_is_kept(clock: FakeClock) -> None:
     # No slot duration yet to scale the memory by: the peak stays until a slot ends.
-    pool = TokenPool(4, policy="elastic")
+    pool = TokenPool(4, policy="elastic", demand_memory=2.0)
     first = hold(pool)
     with pytest.raises(TimeoutError):
         pool.slot(timeout=0.01).__enter__()  # a second unit came and went
     clock.now += 100.0
     assert pool.snapshot().recent_demand == 2.0
-    first.finish()  # held 100 s: a half-life of 100 s, so 100 s after the peak it is 2 / 2
-    assert pool.snapshot().recent_demand == pytest.approx(1.0)
+    first.finish()  # held 100 s: half-life 200 s, so 100 s after the peak it is 2 / sqrt(2)
+    assert pool.snapshot().recent_demand == pytest.approx(2**0.5)
 
 
 def test_static_pools_do_not_track_demand(clock: FakeClock) -> None:
