@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -57,6 +58,12 @@ HERE = Path(__file__).resolve().parent
 # Median CPU (in cores) that other processes used during a cell's runs from which the cell is
 # flagged as disturbed in the comparison: on 2 CPUs a quarter core is an eighth of the machine.
 NOISY_CORES = 0.25
+# The capacity probe: a cell starts only once the probe runs within this factor of the fastest
+# probe of the whole benchmark (waiting up to PROBE_WAIT_S), and a comparison whose cells
+# started slower than that is flagged as disturbed.
+PROBE_SLOWDOWN = 1.25
+PROBE_WAIT_S = 15.0
+_PROBE_DATA = bytes(16 << 20)
 
 Json = dict[str, Any]
 
@@ -205,6 +212,37 @@ def load_workload(name: str) -> Callable[[], object]:
     raise ValueError(f"unknown workload {name!r}")
 
 
+def capacity_probe() -> float:
+    """Seconds for one thread per CPU to each hash 16 MiB at once (GIL released; ~12 ms here).
+
+    A virtual machine's host can take a virtual CPU away for seconds at a time. The guest does
+    not see it as another process's CPU time (no steal is reported here): code just runs slower
+    while the guest thinks it ran. This fixed amount of work, one thread per CPU, measures the
+    capacity the machine has right now.
+    """
+    threads = [
+        threading.Thread(target=lambda: hashlib.sha256(_PROBE_DATA).digest())
+        for _ in range(max(1, len(os.sched_getaffinity(0))))
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def wait_for_capacity(reference: float) -> tuple[float, float]:
+    """Probe until within PROBE_SLOWDOWN of *reference* (at most PROBE_WAIT_S); (probe, waited)."""
+    began = time.perf_counter()
+    while True:
+        probe = min(capacity_probe() for _ in range(3))
+        waited = time.perf_counter() - began
+        if reference <= 0 or probe <= PROBE_SLOWDOWN * reference or waited >= PROBE_WAIT_S:
+            return probe, waited
+        time.sleep(0.5)
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds every process on the machine has used so far (``/proc/stat``; 0 elsewhere).
 
@@ -308,7 +346,15 @@ def run_cell(
     }
 
 
-def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes, round_no: int) -> int:
+def worker_main(
+    workload: str,
+    mode_key: str,
+    budget: int,
+    sizes: Sizes,
+    *,
+    round_no: int,
+    probe_reference: float,
+) -> int:
     mode = mode_from_key(mode_key)
     pool: Any = None
     if mode.kind in ("static", "elastic"):
@@ -338,8 +384,11 @@ def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes, round_n
     run_cell(request, gate, budget, 2 * budget, sizes.cell_cap_s)
 
     for level in LEVELS:
+        probe, waited = wait_for_capacity(probe_reference)
         before = dict(pool.snapshot().grants_by_size) if pool is not None else {}
         cell = run_cell(request, gate, level, sizes.requests(workload, level), sizes.cell_cap_s)
+        cell["probe_s"] = probe
+        cell["probe_waited_s"] = waited
         if pool is not None:
             after = pool.snapshot().grants_by_size
             # Which grant sizes this cell got: the evidence for what elastic did.
@@ -565,6 +614,8 @@ class Cell:
             "cores_used": statistics.median(run["cores_used"] for run in self.runs),
             "other_cores": statistics.median(run["other_cores"] for run in self.runs),
             "other_cores_max": max(run["other_cores"] for run in self.runs),
+            # How much slower than the fastest probe the machine was when each run started.
+            "probe_slowdown_max": max(run.get("probe_slowdown", 1.0) for run in self.runs),
             "grants_by_size": grants,
         }
 
@@ -593,6 +644,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     # lands on every mode alike instead of on whichever ran last.
     raw: list[Json] = []
     workers: list[Json] = []
+    # The fastest capacity probe so far: cells wait for the machine to be close to it.
+    reference = min(capacity_probe() for _ in range(5))
+    print(f"capacity probe: {reference * 1000:.1f} ms", flush=True)
     for round_no in range(sizes.rounds):
         shift = round_no % len(modes)
         order = modes[shift:] + modes[:shift]
@@ -606,6 +660,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                         mode.key,
                         f"--budget={budget}",
                         f"--round={round_no}",
+                        f"--probe-reference={reference}",
                         *(["--quick"] if args.quick else []),
                     ],
                     mode_env(mode),
@@ -614,6 +669,9 @@ def orchestrate(args: argparse.Namespace) -> int:
                 cells = [r for r in records if r["kind"] == "cell"]
                 for cell in cells:  # other tenants' load while this worker ran, for the record
                     cell["loadavg_1min_after"] = os.getloadavg()[0]
+                reference = min([reference, *(cell["probe_s"] for cell in cells)])
+                for cell in cells:
+                    cell["probe_slowdown"] = cell["probe_s"] / reference
                 raw.extend(cells)
                 workers.extend(r for r in records if r["kind"] == "worker")
                 line = "  ".join(f"N={c['concurrency']}:{c['throughput']:.1f}/s" for c in cells)
@@ -766,7 +824,9 @@ def compare(
                     "p99_met": p99_ratio <= 1.25,
                     # Another tenant used a quarter core or more during half the runs of
                     # either cell: the ratio is then as much noise as policy.
-                    "noisy": max(elastic["other_cores"], best["other_cores"]) >= NOISY_CORES,
+                    "noisy": max(elastic["other_cores"], best["other_cores"]) >= NOISY_CORES
+                    or max(elastic["probe_slowdown_max"], best["probe_slowdown_max"])
+                    > PROBE_SLOWDOWN,
                     "best_any": best_any["label"],
                     "throughput_ratio_any": elastic["throughput"] / best_any["throughput"],
                     "elastic_grants": elastic["grants_by_size"],
@@ -811,7 +871,10 @@ def render_markdown(report: Json) -> str:
         f"the slot (the work itself). Cores used: this process's CPU time / elapsed (median "
         f"of runs). Others' cores: CPU the rest of the machine used meanwhile (other tenants: "
         f"noise), median and max of runs; 'disturbed' marks a comparison where it was >= "
-        f"{NOISY_CORES} cores for elastic or the best static. Wall time "
+        f"{NOISY_CORES} cores for elastic or the best static, or where a run of either started "
+        f"while the capacity probe ran more than {PROBE_SLOWDOWN}x slower than its best (a host "
+        f"that takes a virtual CPU away shows no other process's CPU time). Each cell waits up "
+        f"to {PROBE_WAIT_S:.0f} s for the probe to come within that factor. Wall time "
         f"{report['wall_s'] / 60:.1f} min{' (--quick)' if report['quick'] else ''}."
     )
     for workload in {s["workload"]: None for s in report["summaries"]}:
@@ -929,12 +992,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workloads", default=",".join(WORKLOADS), help="comma-separated: numpy,minilm"
     )
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-reference", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--overhead-worker", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.worker:
-        return worker_main(args.worker[0], args.worker[1], args.budget, sizes, args.round)
+        return worker_main(
+            args.worker[0],
+            args.worker[1],
+            args.budget,
+            sizes,
+            round_no=args.round,
+            probe_reference=args.probe_reference,
+        )
     if args.overhead_worker:
         return overhead_main(args.overhead_worker, args.budget, sizes)
     args.workloads = [w for w in args.workloads.split(",") if w]
