@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
@@ -141,7 +142,7 @@ FULL = Sizes(
     numpy_floor=160,
     minilm_per_client=3,
     minilm_floor=30,
-    rounds=3,
+    rounds=5,
     cell_cap_s=60.0,
     overhead_sync_n=200_000,
     overhead_async_n=100_000,
@@ -230,6 +231,10 @@ def capacity_probe() -> float:
     for thread in threads:
         thread.join()
     return time.perf_counter() - started
+
+
+def _ready(record: Json | None) -> bool:
+    return record is not None and record.get("kind") == "ready"
 
 
 def wait_for_capacity(reference: float) -> tuple[float, float]:
@@ -346,15 +351,13 @@ def run_cell(
     }
 
 
-def worker_main(
-    workload: str,
-    mode_key: str,
-    budget: int,
-    sizes: Sizes,
-    *,
-    round_no: int,
-    probe_reference: float,
-) -> int:
+def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes) -> int:
+    """Load the workload in one mode, warm up, then run the cells the parent asks for.
+
+    The parent keeps one such process per mode alive and asks each in turn for the same cell,
+    so the cells of every mode at one level run minutes apart at most, not a whole round.
+    Commands on stdin, one per line: ``cell LEVEL ROUND``, ``info``; end of input ends it.
+    """
     mode = mode_from_key(mode_key)
     pool: Any = None
     if mode.kind in ("static", "elastic"):
@@ -382,13 +385,16 @@ def worker_main(
     # native setters; then one burst at the budget's concurrency starts the native pools.
     run_cell(request, gate, 1, 3, sizes.cell_cap_s)
     run_cell(request, gate, budget, 2 * budget, sizes.cell_cap_s)
+    emit({"kind": "ready", "workload": workload, "mode": mode.key})
 
-    for level in LEVELS:
-        probe, waited = wait_for_capacity(probe_reference)
+    for line in sys.stdin:
+        command = line.split()
+        if command[:1] == ["info"]:
+            emit({"kind": "worker", "workload": workload, "mode": mode.key, **_native_info(load_s)})
+            continue
+        level, round_no = int(command[1]), int(command[2])
         before = dict(pool.snapshot().grants_by_size) if pool is not None else {}
         cell = run_cell(request, gate, level, sizes.requests(workload, level), sizes.cell_cap_s)
-        cell["probe_s"] = probe
-        cell["probe_waited_s"] = waited
         if pool is not None:
             after = pool.snapshot().grants_by_size
             # Which grant sizes this cell got: the evidence for what elastic did.
@@ -405,8 +411,6 @@ def worker_main(
                 **cell,
             }
         )
-
-    emit({"kind": "worker", "workload": workload, "mode": mode.key, **_native_info(load_s)})
     return 0
 
 
@@ -556,6 +560,70 @@ def run_subprocess(args: list[str], env: dict[str, str], timeout_s: float) -> li
     return records
 
 
+class Worker:
+    """One mode's worker process, asked for one cell at a time (see :func:`worker_main`)."""
+
+    def __init__(self, workload: str, mode: Mode, budget: int, quick: bool) -> None:
+        self.mode = mode
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", workload, mode.key]
+        command += [f"--budget={budget}", *(["--quick"] if quick else [])]
+        self.process = subprocess.Popen(
+            command,
+            env=mode_env(mode),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._records: queue.Queue[Json | None] = queue.Queue()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(MARK):
+                self._records.put(json.loads(line.removeprefix(MARK)))
+        self._records.put(None)  # the process ended
+
+    def _drain_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr = [*self._stderr[-30:], line.rstrip()]
+
+    def next_record(self, timeout_s: float) -> Json | None:
+        """The next record the worker prints; None if it ended or said nothing in time."""
+        try:
+            record = self._records.get(timeout=timeout_s)
+        except queue.Empty:
+            print(f"  !! {self.mode.key}: nothing after {timeout_s:.0f} s", flush=True)
+            return None
+        if record is None:
+            tail = "\n".join(self._stderr[-15:])
+            print(f"  !! {self.mode.key} exited {self.process.wait()}:\n{tail}", flush=True)
+        return record
+
+    def ask(self, command: str, timeout_s: float) -> Json | None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        return self.next_record(timeout_s)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default), q in 0..100."""
     if not values:
@@ -640,46 +708,50 @@ def orchestrate(args: argparse.Namespace) -> int:
     machine["loadavg_before"] = load_before
     print_machine(machine, sizes, modes)
 
-    # Rounds outermost, mode order rotated each round: slow drift of a shared machine then
-    # lands on every mode alike instead of on whichever ran last.
+    # One live worker per mode, asked for the same cell in turn (the order rotated from cell to
+    # cell): drift of a shared machine, which comes and goes within seconds, then lands on
+    # every mode alike instead of on whichever mode's process ran during it.
     raw: list[Json] = []
     workers: list[Json] = []
     # The fastest capacity probe so far: cells wait for the machine to be close to it.
     reference = min(capacity_probe() for _ in range(5))
     print(f"capacity probe: {reference * 1000:.1f} ms", flush=True)
-    for round_no in range(sizes.rounds):
-        shift = round_no % len(modes)
-        order = modes[shift:] + modes[:shift]
-        for workload in args.workloads:
-            for mode in order:
-                t0 = time.perf_counter()
-                records = run_subprocess(
-                    [
-                        "--worker",
-                        workload,
-                        mode.key,
-                        f"--budget={budget}",
-                        f"--round={round_no}",
-                        f"--probe-reference={reference}",
-                        *(["--quick"] if args.quick else []),
-                    ],
-                    mode_env(mode),
-                    timeout_s=180 + len(LEVELS) * sizes.cell_cap_s * 1.5,
-                )
-                cells = [r for r in records if r["kind"] == "cell"]
-                for cell in cells:  # other tenants' load while this worker ran, for the record
-                    cell["loadavg_1min_after"] = os.getloadavg()[0]
-                reference = min([reference, *(cell["probe_s"] for cell in cells)])
-                for cell in cells:
-                    cell["probe_slowdown"] = cell["probe_s"] / reference
-                raw.extend(cells)
-                workers.extend(r for r in records if r["kind"] == "worker")
-                line = "  ".join(f"N={c['concurrency']}:{c['throughput']:.1f}/s" for c in cells)
-                print(
-                    f"[round {round_no + 1}/{sizes.rounds}] {workload:6} "
-                    f"{mode.label(budget):18} {time.perf_counter() - t0:5.1f}s  {line}",
-                    flush=True,
-                )
+    cell_timeout = 60 + sizes.cell_cap_s * 1.5
+    for workload in args.workloads:
+        pool = [Worker(workload, mode, budget, args.quick) for mode in modes]
+        try:
+            live = [w for w in pool if _ready(w.next_record(300 + cell_timeout))]
+            turn = 0
+            for round_no in range(sizes.rounds):
+                for level in LEVELS:
+                    line = []
+                    for worker in live[turn % len(live) :] + live[: turn % len(live)]:
+                        probe, waited = wait_for_capacity(reference)
+                        cell = worker.ask(f"cell {level} {round_no}", cell_timeout)
+                        if cell is None or cell.get("kind") != "cell":
+                            continue
+                        reference = min(reference, probe)
+                        cell.update(
+                            probe_s=probe,
+                            probe_waited_s=waited,
+                            probe_slowdown=probe / reference,
+                            loadavg_1min_after=os.getloadavg()[0],
+                        )
+                        raw.append(cell)
+                        line.append(f"{worker.mode.label(budget)}:{cell['throughput']:.1f}/s")
+                    turn += 1
+                    print(
+                        f"[round {round_no + 1}/{sizes.rounds}] {workload:6} N={level:<3} "
+                        + "  ".join(line),
+                        flush=True,
+                    )
+            for worker in live:
+                info = worker.ask("info", 60)
+                if info is not None:
+                    workers.append(info)
+        finally:
+            for worker in pool:
+                worker.close()
 
     overhead: list[Json] = []
     for variant in ("bare", "numpy", "torch"):
@@ -863,7 +935,8 @@ def render_markdown(report: Json) -> str:
     add("")
     sizes = report["sizes"]
     add(
-        f"{sizes['rounds']} round(s), mode order rotated each round; cap "
+        f"{sizes['rounds']} round(s); one live process per mode, each asked for the same cell "
+        f"in turn, the order rotated from cell to cell; cap "
         f"{sizes['cell_cap_s']:.0f} s per cell; each run of a cell begins with one unmeasured "
         f"warm-up round (N requests). Throughput: median of per-run throughputs "
         f"[min-max]. p50/p99: over the pooled latencies of all runs (issue to completion, "
@@ -991,21 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma-separated: numpy,minilm"
     )
-    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--probe-reference", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--overhead-worker", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.worker:
-        return worker_main(
-            args.worker[0],
-            args.worker[1],
-            args.budget,
-            sizes,
-            round_no=args.round,
-            probe_reference=args.probe_reference,
-        )
+        return worker_main(args.worker[0], args.worker[1], args.budget, sizes)
     if args.overhead_worker:
         return overhead_main(args.overhead_worker, args.budget, sizes)
     args.workloads = [w for w in args.workloads.split(",") if w]

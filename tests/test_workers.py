@@ -508,27 +508,13 @@ async def app(scope, receive, send):
 )
 
 
-@pytest.mark.torch
-@pytest.mark.parametrize(
-    ("variables", "flags"),
-    [
-        pytest.param({"THREADBUDGET_WORKERS": "2"}, ["--workers", "2"], id="workers-flag"),
-        pytest.param({"WEB_CONCURRENCY": "2"}, [], id="web-concurrency"),
-    ],
-)
-def test_uvicorn_workers_each_get_their_share(
-    workdir: Path, variables: dict[str, str], flags: list[str]
-) -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("uvicorn")
+def uvicorn_reports(
+    workdir: Path, env: dict[str, str], flags: list[str], workers: int
+) -> tuple[dict[int, Any], list[Any], str]:
+    """Run UVICORN_APP under a real uvicorn until every worker reported; a few requests too."""
     (workdir / "probeapp.py").write_text(UVICORN_APP)
-    reports = workdir / "reports"
-    reports.mkdir()
+    reports = Path(env["PROBE_DIR"])
     port = free_port()
-    # The budget is set rather than detected so that the shares do not depend on the host.
-    env = python_env(PROBE_DIR=str(reports), PYTHONPATH=pythonpath(workdir), THREADBUDGET_CPUS="2")
-    env.pop("WEB_CONCURRENCY", None)
-    env.update(variables)
     argv = [
         PYTHON,
         "-m",
@@ -549,8 +535,8 @@ def test_uvicorn_workers_each_get_their_share(
     ]
     with running(argv, cwd=workdir, env=env, log=workdir / "uvicorn.log") as server:
         wait_until(
-            lambda: len(list(reports.glob("*.json"))) >= 2,
-            "both uvicorn workers to report",
+            lambda: len(list(reports.glob("*.json"))) >= workers,
+            f"{workers} uvicorn workers to report",
             START_TIMEOUT,
             server.check_alive,
         )
@@ -558,6 +544,34 @@ def test_uvicorn_workers_each_get_their_share(
         started = {report["pid"]: report for report in read_reports(reports)}
         served = [http_get_json(port) for _ in range(4)]
         output = server.output()
+    return started, served, output
+
+
+def uvicorn_env(workdir: Path, cpus: str, **variables: str) -> dict[str, str]:
+    reports = workdir / "reports"
+    reports.mkdir()
+    # The budget is set rather than detected so that the shares do not depend on the host.
+    env = python_env(PROBE_DIR=str(reports), PYTHONPATH=pythonpath(workdir), THREADBUDGET_CPUS=cpus)
+    env.pop("WEB_CONCURRENCY", None)
+    env.update(variables)
+    return env
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("variables", "flags"),
+    [
+        pytest.param({"THREADBUDGET_WORKERS": "2"}, ["--workers", "2"], id="workers-flag"),
+        pytest.param({"WEB_CONCURRENCY": "2"}, [], id="web-concurrency"),
+    ],
+)
+def test_uvicorn_workers_each_get_their_share(
+    workdir: Path, variables: dict[str, str], flags: list[str]
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("uvicorn")
+    env = uvicorn_env(workdir, "2", **variables)
+    started, served, output = uvicorn_reports(workdir, env, flags, workers=2)
 
     assert len(started) == 2, (started, output)
     for report in started.values():
@@ -574,6 +588,44 @@ def test_uvicorn_workers_each_get_their_share(
         assert answer["torch"] == 1
         assert set(answer["pools"].values()) == {1}, answer
     assert "too late" not in output, output
+
+
+@pytest.mark.torch
+def test_uvicorn_workers_take_free_indexes_and_spread_the_remainder(workdir: Path) -> None:
+    # 3 CPUs over 2 workers: uvicorn gives them no index, so each takes the lowest one no
+    # sibling holds, and the shares are 2 and 1 instead of 1 and 1 (one CPU left idle).
+    pytest.importorskip("torch")
+    pytest.importorskip("uvicorn")
+    env = uvicorn_env(workdir, "3", THREADBUDGET_WORKERS="2")
+    started, served, output = uvicorn_reports(workdir, env, ["--workers", "2"], workers=2)
+
+    assert len(started) == 2, (started, output)
+    by_index = {report["index"]: report for report in started.values()}
+    assert set(by_index) == {"0", "1"}, (started, output)
+    assert {index: report["process_budget"] for index, report in by_index.items()} == {
+        "0": 2,
+        "1": 1,
+    }
+    assert {index: report["torch"] for index, report in by_index.items()} == {"0": 2, "1": 1}
+    for answer in served:
+        assert answer["torch"] == started[answer["pid"]]["torch"]
+
+
+def test_sibling_indexes_are_the_lowest_free_ones(tmp_path: Path) -> None:
+    # Within one process each claim opens the lock file anew, so it behaves as a sibling would.
+    from threadbudget import _siblings
+
+    claims = [_siblings.claim_sibling_index(3, directory=tmp_path) for _ in range(4)]
+    assert claims == [0, 1, 2, None]
+    held = _siblings._held[-3:]
+    os.close(held[1])  # the worker holding index 1 exits
+    _siblings._held.remove(held[1])
+    assert _siblings.claim_sibling_index(3, directory=tmp_path) == 1
+    for fd in _siblings._held[-3:]:
+        os.close(fd)
+    del _siblings._held[-3:]
+    assert _siblings.claim_sibling_index(1, directory=tmp_path / "missing" / "dir") == 0
+    os.close(_siblings._held.pop())
 
 
 def test_server_helpers_clean_up_a_process_group(workdir: Path) -> None:
