@@ -60,7 +60,6 @@ class NativeThreadLimits:
         self._shared_raised = False
         self._thread_setters: tuple[ThreadSetter, ...] = ()
         self._process_setters: tuple[ThreadSetter, ...] = ()
-        self._shared_raised = False
         track_for_fork(self)
 
     def _after_fork_in_child(self) -> None:
