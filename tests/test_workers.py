@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -657,3 +658,40 @@ def test_every_native_thread_variable_is_planned_per_worker() -> None:
     threads_vars = [var.name for var in NATIVE_ENV_VARS if var.role == "threads"]
     assert {values[name] for name in threads_vars} == {"1"}
     assert values["PYTHON_CPU_COUNT"] == "3"
+
+
+def test_claiming_an_index_removes_the_locks_of_exited_servers(tmp_path: Path) -> None:
+    import fcntl
+
+    from threadbudget import _siblings
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_parent = int(gone.stdout)
+    stale = tmp_path / f"{dead_parent}-12345-0.lock"
+    stale.touch()
+    # A worker of an exited server that is still running keeps its file.
+    orphaned = tmp_path / f"{dead_parent}-12345-1.lock"
+    orphan_fd = os.open(orphaned, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(orphan_fd, fcntl.LOCK_EX)
+    # A server that exited and whose pid now belongs to a live process: another start time.
+    reused = tmp_path / f"{os.getppid()}-1-0.lock"
+    reused.touch()
+    unrelated = tmp_path / "notes.txt"
+    unrelated.touch()
+    try:
+        assert _siblings.claim_sibling_index(2, directory=tmp_path) == 0
+        ours = _siblings._held.pop()
+        try:
+            remaining = sorted(path.name for path in tmp_path.iterdir())
+            parent = os.getppid()
+            mine = f"{parent}-{_siblings._start_time(parent)}-0.lock"
+            assert remaining == sorted([mine, orphaned.name, "notes.txt"])
+        finally:
+            os.close(ours)
+    finally:
+        os.close(orphan_fd)

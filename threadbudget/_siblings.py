@@ -52,7 +52,35 @@ def claim_sibling_index(workers: int, *, directory: Path | None = None) -> int |
                 os.close(fd)
                 continue
             _held.append(fd)
+            _remove_stale_locks(base)
             return index
     except OSError:
         return None
     return None
+
+
+def _remove_stale_locks(base: Path) -> None:
+    """Delete the lock files of servers that have exited, so restarts leave none behind.
+
+    A file is stale when the parent it names is gone (its pid is free or now another process,
+    told apart by the start time) and no worker still holds it: an orphaned worker that
+    outlived its server keeps its file until it exits too.
+    """
+    import fcntl
+
+    for path in base.glob("*-*-*.lock"):
+        parent, _, rest = path.name.partition("-")
+        started = rest.partition("-")[0]
+        if not parent.isdigit() or _start_time(int(parent)) == started:
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:  # removed by a sibling meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except OSError:  # still held, or not ours to remove
+            pass
+        finally:
+            os.close(fd)
