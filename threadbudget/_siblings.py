@@ -68,7 +68,11 @@ def _remove_stale_locks(base: Path) -> None:
     """
     import fcntl
 
-    for path in base.glob("*-*-*.lock"):
+    try:
+        candidates = list(base.glob("*-*-*.lock"))
+    except OSError:  # tidying up is a courtesy: the index is claimed either way
+        return
+    for path in candidates:
         parent, _, rest = path.name.partition("-")
         started = rest.partition("-")[0]
         if not parent.isdigit() or _start_time(int(parent)) == started:
