@@ -460,6 +460,12 @@ def test_cpu_of_threads_that_ended_unobserved_is_reported() -> None:
             thread.start()
         for thread in threads:
             thread.join()
+        # join() returns when the Python thread is done, a moment before its OS thread exits;
+        # the closing reading must not find them still there (then it would see their CPU).
+        gone_by = time.monotonic() + 5.0
+        while any(os.path.exists(f"/proc/self/task/{t.native_id}") for t in threads):
+            assert time.monotonic() < gone_by, "the burner threads did not exit within 5 s"
+            time.sleep(0.001)
     assert not [item for item in sampler.busy_threads if item.name.startswith("unseen")]
     assert sampler.unattributed_cpu_ms >= 150
     report = sampler.report(1, "a test")
