@@ -397,3 +397,14 @@ def test_native_env_var_table_is_well_formed() -> None:
     assert VARS_BY_ROLE["single"] == ["TOKENIZERS_PARALLELISM"]
     assert "MKL_DYNAMIC" in VARS_BY_ROLE["report"]
     assert all(var.readers for var in NATIVE_ENV_VARS)
+
+
+def test_planned_workers_reads_the_environment_as_make_plan_does() -> None:
+    from threadbudget._plan import planned_workers
+
+    assert planned_workers({}) == 1
+    assert planned_workers({"WEB_CONCURRENCY": "3"}) == 3
+    assert planned_workers({"WEB_CONCURRENCY": "3", "THREADBUDGET_WORKERS": "2"}) == 2
+    assert planned_workers({"THREADBUDGET_WORKERS": "lots"}) == 1
+    for environ in ({"WEB_CONCURRENCY": "3"}, {"THREADBUDGET_WORKERS": "2"}):
+        assert planned_workers(environ) == make_plan(4, environ=environ).workers

@@ -22,7 +22,7 @@ from ._settings import (
 )
 from ._warnings import warn
 
-__all__ = ["Plan", "make_plan", "worker_share"]
+__all__ = ["Plan", "make_plan", "planned_workers", "worker_share"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,23 @@ def worker_share(budget: int, workers: int, index: int | None = None) -> int:
     return max(1, budget // workers + (1 if index % workers < budget % workers else 0))
 
 
+def _workers_setting(workers: int | None, environ: Mapping[str, str] | None) -> Setting[int]:
+    return resolve(
+        workers,
+        (ENV_WORKERS, "WEB_CONCURRENCY"),
+        parse_positive_int,
+        1,
+        argument_name="workers",
+        environ=environ,
+    )
+
+
+def planned_workers(environ: Mapping[str, str] | None = None) -> int:
+    """The worker processes a plan from *environ* (default ``os.environ``) would assume, without
+    detecting the budget; a bad value counts as the default, 1, as in :func:`make_plan`."""
+    return _workers_setting(None, environ).value
+
+
 def make_plan(
     budget: CpuBudget | int | None = None,
     *,
@@ -119,14 +136,7 @@ def make_plan(
         argument_name="concurrency",
         environ=environ,
     )
-    workers_setting = resolve(
-        workers,
-        (ENV_WORKERS, "WEB_CONCURRENCY"),
-        parse_positive_int,
-        1,
-        argument_name="workers",
-        environ=environ,
-    )
+    workers_setting = _workers_setting(workers, environ)
     threads_setting = resolve(
         threads, (ENV_THREADS,), parse_positive_int, 0, argument_name="threads", environ=environ
     )

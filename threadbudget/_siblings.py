@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ._threads import stat_fields
+
 __all__ = ["claim_sibling_index"]
 
 # Open for the life of the process: closing one would release its index.
@@ -22,10 +24,9 @@ _held: list[int] = []
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot, so a reused pid names another file."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat_fields(Path(f"/proc/{pid}"))
     except OSError:
         return None
-    fields = stat.rpartition(")")[2].split()
     return fields[19] if len(fields) > 19 else None
 
 

@@ -37,13 +37,19 @@ def count_os_threads() -> int:
         return threading.active_count()
 
 
+def stat_fields(process: Path) -> list[str]:
+    """The fields of ``<process>/stat`` after the command name, which may hold spaces and
+    parentheses: index 0 is the state (field 3 of proc(5)), index 19 the start time."""
+    return (process / "stat").read_text().rpartition(")")[2].split()
+
+
 def _cpu_ns(task: Path) -> int:
     try:
         return int((task / "schedstat").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pass
     # Kernels without schedstats: utime + stime from stat, in clock ticks.
-    fields = (task / "stat").read_text().rpartition(")")[2].split()
+    fields = stat_fields(task)
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // _CLOCK_TICKS
 
 

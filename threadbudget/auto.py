@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from ._apply import AppliedBudget, apply_plan
-from ._plan import make_plan
+from ._plan import planned_workers
 from ._settings import ENV_WORKER_INDEX
 from ._siblings import claim_sibling_index
 from ._warnings import warn
@@ -25,7 +25,8 @@ __all__ = ["applied"]
 applied: AppliedBudget | None = None
 try:
     if ENV_WORKER_INDEX not in os.environ:
-        workers = make_plan(emit_warnings=False).workers
+        # From the environment only: apply_plan() below detects the budget, once.
+        workers = planned_workers()
         index = claim_sibling_index(workers) if workers > 1 else None
         if index is not None:
             os.environ[ENV_WORKER_INDEX] = str(index)
