@@ -107,7 +107,8 @@ class NativeThreadLimits:
         try:
             for setter in self._thread_setters:
                 undos.append(setter(threads))
-            if self._process_setters:
+            # Tested here rather than in _size_shared_pools: it is false on nearly every entry.
+            if self._process_setters and (threads == self._budget > 1) != self._shared_raised:
                 self._size_shared_pools(threads)
         except BaseException:
             self.exit(undos)  # leave this thread as it was, then let the slot fail
@@ -139,8 +140,9 @@ class NativeThreadLimits:
     @staticmethod
     def exit(undos: object) -> None:
         assert isinstance(undos, list)
-        for undo in reversed(undos):
-            undo()
+        if undos:
+            for undo in reversed(undos):
+                undo()
 
 
 def _size_of(budget: int | CpuBudget | Plan | None) -> int:

@@ -287,20 +287,23 @@ class _SlotBase:
         "_want",
     )
 
+    # Only what is read before entering is set here; _entered sets the rest. Every slot is built
+    # and entered once per unit of work, so each attribute store counts.
+    _ctx_token: Token[_SlotBase | None]
+    _epoch: int
+    _hooked: bool
+    _restore: object
+    _since: float
+    # What nested slots check: a context copied into a task or thread that outlives this slot
+    # still points at it, and must not reuse a grant that was given back.
+    _live: bool
+
     def __init__(self, pool: TokenPool, want: int, timeout: float | None) -> None:
         self._pool = pool
         self._want = want
         self._timeout = timeout
         self._grant: Grant | None = None
-        # _live is what nested slots check: a context copied into a task or thread that outlives
-        # this slot still points at it, and must not reuse a grant that was given back.
-        self._live = False
         self._nested = False
-        self._ctx_token: Token[_SlotBase | None] | None = None
-        self._restore: object = None
-        self._epoch = pool._epoch
-        self._hooked = False
-        self._since = 0.0
 
     @property
     def grant(self) -> Grant | None:
@@ -319,12 +322,14 @@ class _SlotBase:
 
     def _entered(self, k: int, *, hooks: bool = True) -> Grant:
         pool = self._pool
-        grant = pool._grant_of(k)
+        grant = pool._grants[k]
         self._grant = grant
         self._live = True
-        if pool._tracks_demand:
-            self._since = perf_counter()
+        # The epoch of the tokens just taken: a slot released after a fork gives back nothing.
+        self._epoch = pool._epoch
+        self._since = perf_counter() if pool._tracks_demand else 0.0
         self._ctx_token = pool._held.set(self)
+        self._hooked = False
         if hooks and pool._on_enter is not None:
             self._hooked = True
             try:
@@ -338,7 +343,6 @@ class _SlotBase:
         pool = self._pool
         grant = self._grant
         assert grant is not None
-        assert self._ctx_token is not None
         self._live = False
         # try/except rather than contextlib.suppress: this is on every exit, and suppress
         # builds an object each time.
@@ -512,7 +516,8 @@ class TokenPool:
         self._cancellations = 0
         self._wait_counts = [0] * len(WAIT_BUCKETS)
         self._wait_total = 0.0
-        self._grants: dict[int, Grant] = {}
+        # Built once so that entering a slot allocates nothing for its grant (index = size).
+        self._grants = tuple(Grant(k) for k in range(budget + 1))
         self._reset_demand()
         self._epoch = 0
         # One variable per pool (pools are few and long-lived), so nesting is tracked per pool
@@ -586,11 +591,20 @@ class TokenPool:
 
     def slot(self, k: int | None = None, *, timeout: float | None = None) -> Slot:
         """Hold tokens for a ``with`` block; raises ``TimeoutError`` after ``timeout`` seconds."""
-        return Slot(self, self._want(k), _check_timeout(timeout))
+        # The defaults skip the validating calls: this runs once per unit of work.
+        return Slot(
+            self,
+            self._want_default if k is None else self._want(k),
+            None if timeout is None else _check_timeout(timeout),
+        )
 
     def async_slot(self, k: int | None = None, *, timeout: float | None = None) -> AsyncSlot:
         """Hold tokens for an ``async with`` block (asyncio or trio, through anyio)."""
-        return AsyncSlot(self, self._want(k), _check_timeout(timeout))
+        return AsyncSlot(
+            self,
+            self._want_default if k is None else self._want(k),
+            None if timeout is None else _check_timeout(timeout),
+        )
 
     def limit(self, k: int | None = None, *, timeout: float | None = None) -> Callable[[_F], _F]:
         """Decorator: run each call of a function (sync or ``async def``) inside a slot."""
@@ -632,7 +646,7 @@ class TokenPool:
                 in_use=self._budget - self._free,
                 holders=self._holders,
                 waiting=len(self._waiters),
-                recent_demand=demand,
+                recent_demand=float(demand),
                 grants_total=self._grants_total,
                 grants_by_size=MappingProxyType({k: n for k, n in enumerate(self._by_size) if n}),
                 timeouts=self._timeouts,
@@ -654,13 +668,6 @@ class TokenPool:
         if k is None:
             return self._want_default
         return _positive_int("k", k, self._budget)
-
-    def _grant_of(self, k: int) -> Grant:
-        grant = self._grants.get(k)
-        if grant is None:
-            # Racing threads may both build one; equal ints, so either copy is fine.
-            grant = self._grants[k] = Grant(k)
-        return grant
 
     def _demand_locked(self, now: float, in_flight: int) -> float:
         """Recent demand at *now*, with *in_flight* units holding or waiting since the last
@@ -685,14 +692,33 @@ class TokenPool:
         return peak
 
     def _take_locked(self, want: int) -> int:
-        """Grant at once if nobody is queued and enough is free; 0 otherwise. Lock held."""
-        in_flight = self._holders + len(self._waiters) + 1
-        # This arrival is demand whether it is granted now, queues or gives up.
-        demand = self._demand_locked(perf_counter(), in_flight) if self._tracks_demand else 0.0
-        if self._waiters:
+        """Grant at once if nobody is queued and enough is free; 0 otherwise. Lock held.
+
+        Every uncontended slot passes through here, so the common cases of
+        :meth:`_demand_locked` and of the elastic rule are written out inline.
+        """
+        queued = len(self._waiters)
+        in_flight = self._holders + queued + 1
+        demand = 0.0
+        if self._tracks_demand:
+            # This arrival is demand whether it is granted now, queues or gives up.
+            now = perf_counter()
+            if self._demand_peak <= in_flight:
+                self._demand_peak = demand = in_flight
+                self._demand_at = now
+            else:
+                demand = self._demand_locked(now, in_flight)
+        if queued:
             return 0
         free = self._free
-        need = want or self._rule(free, 0, in_flight, demand)
+        if want:
+            need = want
+        elif demand <= in_flight:
+            # ElasticRule with nobody behind and no reserve: all that is free, within 1..cap.
+            cap = self._threads
+            need = cap if free >= cap else (free or 1)
+        else:
+            need = self._rule(free, 0, in_flight, demand)
         if need > free:
             return 0
         self._free = free - need
@@ -803,7 +829,12 @@ class TokenPool:
                 # out one odd request, quick enough to follow a change of workload.
                 average = self._hold_avg
                 self._hold_avg = held if average == 0.0 else average + (held - average) * 0.125
-                self._demand_locked(now, self._holders + len(self._waiters))
+                in_flight = self._holders + len(self._waiters)
+                if self._demand_peak <= in_flight:  # _demand_locked's common case, inline
+                    self._demand_peak = in_flight
+                    self._demand_at = now
+                else:
+                    self._demand_locked(now, in_flight)
             self._free += k
             self._holders -= 1
             if not self._waiters:
