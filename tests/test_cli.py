@@ -110,6 +110,24 @@ def test_info_json_env_has_one_row_per_native_variable() -> None:
     assert by_name["MKL_DYNAMIC"]["planned"] is None
 
 
+def test_info_says_a_user_value_is_kept_over_the_plan() -> None:
+    env = clean_env(GOMP_SPINCOUNT="300000", MKL_NUM_THREADS="1")
+    rows = {
+        row["name"]: row for row in info_json("--cpus", "2", "--concurrency", "2", env=env)["env"]
+    }
+    assert rows["GOMP_SPINCOUNT"]["planned"] == "10000"
+    assert rows["GOMP_SPINCOUNT"]["after_apply"] == "300000"
+    assert rows["OMP_NUM_THREADS"]["after_apply"] == "1"
+    text = cli("info", "--cpus", "2", "--concurrency", "2", env=env).stdout
+    spin_line = next(line for line in text.splitlines() if "GOMP_SPINCOUNT" in line)
+    assert " ".join(spin_line.split()) == (
+        "GOMP_SPINCOUNT 300000 / user -> 10000, but the user's value is kept"
+    )
+    # Same value as the plan: nothing to point out.
+    mkl_line = next(line for line in text.splitlines() if "MKL_NUM_THREADS" in line)
+    assert " ".join(mkl_line.split()) == "MKL_NUM_THREADS 1 / user -> 1"
+
+
 def test_info_marks_values_threadbudget_exported() -> None:
     env = clean_env(OMP_NUM_THREADS="1", **{APPLIED_MARKER: "OMP_NUM_THREADS=1"})
     info = info_json(env=env)

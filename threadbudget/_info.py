@@ -34,6 +34,8 @@ def _env_rows(plan: Plan, environ: Mapping[str, str]) -> list[dict[str, Any]]:
                 "value": value,
                 "source": source,
                 "planned": planned.get(var.name),
+                # What apply_plan leaves: a value the user set is kept whatever the plan says.
+                "after_apply": value if source == "user" else planned.get(var.name),
                 "role": var.role,
                 "readers": var.readers,
             }
@@ -144,7 +146,12 @@ def format_info(info: Mapping[str, Any]) -> str:
     lines += ["", info["plan_explanation"], "", "Environment (value / source -> planned):"]
     for row in info["env"]:
         value = "-" if row["value"] is None else row["value"]
-        planned = "leave" if row["planned"] is None else row["planned"]
+        if row["planned"] is None:
+            planned = "leave"
+        elif row["source"] == "user" and row["value"].strip() != row["planned"]:
+            planned = f"{row['planned']}, but the user's value is kept"
+        else:
+            planned = row["planned"]
         lines.append(f"  {row['name']:<24} {value:>8} / {row['source']:<12} -> {planned}")
     lines += ["", "Loaded native pools:"]
     if not info["pools"]:
