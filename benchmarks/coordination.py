@@ -670,15 +670,19 @@ class Cell:
             "throughput": statistics.median(self.throughputs),
             "throughput_min": min(self.throughputs),
             "throughput_max": max(self.throughputs),
+            "throughput_by_round": {str(run["round"]): run["throughput"] for run in self.runs},
             "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99),
             "wait_p50_ms": percentile(waits, 50),
             "wait_p99_ms": percentile(waits, 99),
             # Within each run, then the median over runs: pooling runs would add the drift of
             # a shared machine between runs to the spread of the waits inside one.
-            "wait_ratio_runs": [_wait_ratio(run["waits_us"]) for run in self.runs],
-            "wait_ratio": statistics.median(_wait_ratio(run["waits_us"]) for run in self.runs),
+            "wait_ratio_runs": [_spread(run["waits_us"]) for run in self.runs],
+            "wait_ratio": statistics.median(_spread(run["waits_us"]) for run in self.runs),
             "service_p50_ms": percentile(service, 50),
+            # The spread of the work itself, per run as for the waits: a FIFO queue cannot make
+            # the waits spread less than the service times of the requests ahead.
+            "service_ratio": statistics.median(_spread(run["service_us"]) for run in self.runs),
             "cores_used": statistics.median(run["cores_used"] for run in self.runs),
             "other_cores": statistics.median(run["other_cores"] for run in self.runs),
             "other_cores_max": max(run["other_cores"] for run in self.runs),
@@ -688,10 +692,10 @@ class Cell:
         }
 
 
-def _wait_ratio(waits_us: Sequence[float]) -> float:
-    """p99 / p50 of one run's slot waits (nan when the median wait is 0: nobody queued)."""
-    p50 = percentile(waits_us, 50)
-    return percentile(waits_us, 99) / p50 if p50 > 0 else float("nan")
+def _spread(values_us: Sequence[float]) -> float:
+    """p99 / p50 of one run's waits or service times (nan when the median is 0: none)."""
+    p50 = percentile(values_us, 50)
+    return percentile(values_us, 99) / p50 if p50 > 0 else float("nan")
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -792,16 +796,35 @@ def orchestrate(args: argparse.Namespace) -> int:
         "workers": workers,
         "raw_cells": raw,
     }
+    stem = f"coordination-{started_at:%Y-%m-%d}" + ("-quick" if args.quick else "")
+    write_report(report, Path(args.out), stem)
+    return 0
+
+
+def write_report(report: Json, out: Path, stem: str) -> None:
     markdown = render_markdown(report)
     print()
     print(markdown)
-
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"coordination-{started_at:%Y-%m-%d}" + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown)
-    print(f"wrote {out / stem}.json and .md; wall time {wall_s / 60:.1f} min", flush=True)
+    print(f"wrote {out / stem}.json and .md; wall time {report['wall_s'] / 60:.1f} min", flush=True)
+
+
+def report_again(path: Path) -> int:
+    """Summarise a saved run's raw cells again with this version's statistics and tables."""
+    try:
+        report = json.loads(path.read_text())
+        raw = report["raw_cells"]
+        budget = report["machine"]["budget"]
+        modes = [mode_from_key(m["key"]) for m in report["modes"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"{path}: not a coordination report with raw cells ({error!r})", file=sys.stderr)
+        return 2
+    workloads = list(dict.fromkeys(run["workload"] for run in raw))
+    report["summaries"] = aggregate(raw, modes, budget, workloads)
+    report["comparisons"] = compare(report["summaries"], modes, budget, workloads)
+    write_report(report, path.parent, path.stem)
     return 0
 
 
@@ -902,6 +925,13 @@ def compare(
                     "best_any": best_any["label"],
                     "throughput_ratio_any": elastic["throughput"] / best_any["throughput"],
                     "elastic_grants": elastic["grants_by_size"],
+                    # Elastic over the best static within each round (the two ran minutes
+                    # apart): how far the host moved the ratio from round to round.
+                    "round_ratios": [
+                        elastic["throughput_by_round"][r] / best["throughput_by_round"][r]
+                        for r in sorted(elastic["throughput_by_round"], key=int)
+                        if r in best["throughput_by_round"]
+                    ],
                 }
             )
     return verdicts
@@ -975,11 +1005,17 @@ def render_markdown(report: Json) -> str:
         add(f"### {workload}: elastic against the best static (C, T)")
         add("")
         add(
+            "Ratios of the medians over the runs (throughput) and of the pooled p99s; the last "
+            "column is elastic's throughput over the best static's within each round, the two "
+            "measured minutes apart: how far the shared host moves the ratio between rounds."
+        )
+        add("")
+        add(
             "| N | best static | its req/s | its p99 ms | elastic req/s | elastic p99 ms "
             "| req/s ratio (>= 0.95) | p99 ratio (<= 1.25) | best of all modes | ratio to it "
-            "| disturbed |"
+            "| disturbed | req/s ratio per round |"
         )
-        add("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|")
         for v in report["comparisons"]:
             if v["workload"] != workload:
                 continue
@@ -989,21 +1025,25 @@ def render_markdown(report: Json) -> str:
                 f"{_f(v['elastic_p99_ms'])} | {_f(v['throughput_ratio'], 2)} "
                 f"{_mark(v['throughput_met'])} | {_f(v['p99_ratio'], 2)} {_mark(v['p99_met'])} "
                 f"| {v['best_any']} | {_f(v['throughput_ratio_any'], 2)} "
-                f"| {'yes' if v['noisy'] else ''} |"
+                f"| {'yes' if v['noisy'] else ''} "
+                f"| {', '.join(_f(r, 2) for r in v.get('round_ratios', []))} |"
             )
         add("")
         add(f"### {workload}: slot wait under saturation")
         add("")
         add(
             "p99 / p50 of the slot waits within each run, median of the runs (elastic target "
-            "<= 1.5), and the same over the pooled waits of all runs."
+            "<= 1.5), and the same over the pooled waits of all runs. The last column is the "
+            "spread of the work itself (time inside the slot, p99 / p50 within each run, median "
+            "of the runs): in a FIFO queue a waiter waits for the requests ahead of it, so its "
+            "wait spreads as their service times do."
         )
         add("")
         add(
             "| N | mode | wait p50 ms | wait p99 ms | p99 / p50, per run (median) | per run "
-            "| p99 / p50, pooled |"
+            "| p99 / p50, pooled | run p99 / p50, per run (median) |"
         )
-        add("|---:|---|---:|---:|---:|---|---:|")
+        add("|---:|---|---:|---:|---:|---|---:|---:|")
         for s in report["summaries"]:
             saturated = s["concurrency"] > budget and s["mode"] not in ("default", "omp1")
             if s["workload"] != workload or not saturated:
@@ -1014,7 +1054,8 @@ def render_markdown(report: Json) -> str:
             runs = ", ".join(_f(r, 2) for r in s["wait_ratio_runs"])
             add(
                 f"| {s['concurrency']} | {s['label']} | {_f(s['wait_p50_ms'])} | "
-                f"{_f(s['wait_p99_ms'])} | {_f(ratio, 2)}{mark} | {runs} | {_f(pooled, 2)} |"
+                f"{_f(s['wait_p99_ms'])} | {_f(ratio, 2)}{mark} | {runs} | {_f(pooled, 2)} | "
+                f"{_f(s['service_ratio'], 2)} |"
             )
     add("")
     add("## Slot enter + exit, uncontended (median of repeats, microseconds)")
@@ -1064,6 +1105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma-separated: numpy,minilm"
     )
+    parser.add_argument(
+        "--report",
+        metavar="JSON",
+        help="summarise a saved run again (its .json and .md are rewritten in place)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--overhead-worker", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1072,6 +1118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args.worker[0], args.worker[1], args.budget, sizes)
     if args.overhead_worker:
         return overhead_main(args.overhead_worker, args.budget, sizes)
+    if args.report:
+        return report_again(Path(args.report))
     args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:
