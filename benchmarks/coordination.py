@@ -680,8 +680,8 @@ class Cell:
             "wait_ratio_runs": [_spread(run["waits_us"]) for run in self.runs],
             "wait_ratio": statistics.median(_spread(run["waits_us"]) for run in self.runs),
             "service_p50_ms": percentile(service, 50),
-            # The spread of the work itself, per run as for the waits: a FIFO queue cannot make
-            # the waits spread less than the service times of the requests ahead.
+            # The spread of the work itself, per run as for the waits: a FIFO waiter waits for
+            # the requests ahead of it to finish, so its wait follows their service times.
             "service_ratio": statistics.median(_spread(run["service_us"]) for run in self.runs),
             "cores_used": statistics.median(run["cores_used"] for run in self.runs),
             "other_cores": statistics.median(run["other_cores"] for run in self.runs),
@@ -1035,8 +1035,9 @@ def render_markdown(report: Json) -> str:
             "p99 / p50 of the slot waits within each run, median of the runs (elastic target "
             "<= 1.5), and the same over the pooled waits of all runs. The last column is the "
             "spread of the work itself (time inside the slot, p99 / p50 within each run, median "
-            "of the runs): in a FIFO queue a waiter waits for the requests ahead of it, so its "
-            "wait spreads as their service times do."
+            "of the runs): in a FIFO queue a waiter waits for the requests ahead of it to "
+            "finish, so its wait spreads as their service times do, less the more of them it "
+            "waits for."
         )
         add("")
         add(

@@ -1,0 +1,93 @@
+"""``benchmarks/coordination.py --report``: a saved run summarised again from its raw cells."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SAVED_RUN = BENCHMARKS / "results" / "coordination-2026-12-02.json"
+
+
+def load_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "coordination_bench", BENCHMARKS / "coordination.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered first: dataclasses look their module up while the class is built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def spread(values: list[int]) -> float:
+    """p99 / p50 with linear interpolation, written out here independently of the benchmark."""
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        rank = (len(ordered) - 1) * q
+        low, high = math.floor(rank), math.ceil(rank)
+        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+    return at(0.99) / at(0.50)
+
+
+def test_report_rebuilds_tables_with_round_ratios_and_service_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / SAVED_RUN.name
+    shutil.copy(SAVED_RUN, saved)
+    report = json.loads(saved.read_text())
+    for comparison in report["comparisons"]:
+        comparison.pop("round_ratios", None)
+    for summary in report["summaries"]:
+        summary.pop("service_ratio", None)
+    saved.write_text(json.dumps(report))
+    saved.with_suffix(".md").write_text("stale")
+
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+
+    rebuilt = json.loads(saved.read_text())
+    raw: dict[tuple[str, str, int], dict[int, Any]] = {}
+    for run in rebuilt["raw_cells"]:
+        raw.setdefault((run["workload"], run["mode"], run["concurrency"]), {})[run["round"]] = run
+    labels = {mode["label"]: mode["key"] for mode in rebuilt["modes"]}
+    assert len(rebuilt["comparisons"]) == 10
+    for comparison in rebuilt["comparisons"]:
+        cell = (comparison["workload"], comparison["concurrency"])
+        elastic = raw[(cell[0], "elastic", cell[1])]
+        best = raw[(cell[0], labels[comparison["best_static"]], cell[1])]
+        expected = [elastic[r]["throughput"] / best[r]["throughput"] for r in sorted(elastic)]
+        assert comparison["round_ratios"] == pytest.approx(expected)
+    for summary in rebuilt["summaries"]:
+        runs = raw[(summary["workload"], summary["mode"], summary["concurrency"])].values()
+        expected_spread = statistics.median(spread(run["service_us"]) for run in runs)
+        assert summary["service_ratio"] == pytest.approx(expected_spread)
+
+    markdown = saved.with_suffix(".md").read_text()
+    assert markdown.startswith("# Coordination benchmark, 2026-12-02")
+    assert "| req/s ratio per round |" in markdown
+    assert "| run p99 / p50, per run (median) |" in markdown
+    assert markdown in capsys.readouterr().out
+
+
+def test_report_of_something_else_says_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_run = tmp_path / "batching.json"
+    not_a_run.write_text(json.dumps({"benchmark": "batching"}))
+    assert load_benchmark().main(["--report", str(not_a_run)]) == 2
+    error = capsys.readouterr().err
+    assert str(not_a_run) in error
+    assert "not a coordination report" in error
