@@ -94,10 +94,12 @@ def worker_main(requests: int) -> int:
 
 
 def run_one(spin: str, requests: int) -> Json | None:
+    from threadbudget import NATIVE_ENV_VARS
+
+    # Nothing from the caller's shell that sizes a pool or a plan, as in coordination.py.
+    native = {var.name for var in NATIVE_ENV_VARS}
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") and not k.startswith("THREADBUDGET_")
+        k: v for k, v in os.environ.items() if k not in native and not k.startswith("THREADBUDGET_")
     }
     env.update(GOMP_SPINCOUNT=spin, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", f"--requests={requests}"]

@@ -107,15 +107,17 @@ class NativeThreadLimits:
         try:
             for setter in self._thread_setters:
                 undos.append(setter(threads))
-            # Tested here rather than in _size_shared_pools: it is false on nearly every entry.
-            if self._process_setters and (threads == self._budget > 1) != self._shared_raised:
-                self._size_shared_pools(threads)
+            if self._process_setters:
+                exclusive = threads == self._budget > 1
+                # Checked before the call, without the lock: false on nearly every entry.
+                if exclusive != self._shared_raised:
+                    self._size_shared_pools(exclusive, threads)
         except BaseException:
             self.exit(undos)  # leave this thread as it was, then let the slot fail
             raise
         return undos
 
-    def _size_shared_pools(self, threads: int) -> None:
+    def _size_shared_pools(self, exclusive: bool, threads: int) -> None:
         """Raise shared pools for a whole-budget grant; lower them for the next smaller one.
 
         Lowering waits for a smaller grant to arrive instead of happening at exit: a pthreads
@@ -124,10 +126,7 @@ class NativeThreadLimits:
         whole-budget grant means no other slot runs, and a smaller grant can only start after
         the whole-budget holder has left.
         """
-        exclusive = threads == self._budget and threads > 1
-        if exclusive == self._shared_raised:
-            return
-        with self._lock:
+        with self._lock:  # checked again: another thread may have moved them meanwhile
             if exclusive and not self._shared_raised:
                 for setter in self._process_setters:
                     setter(threads)
