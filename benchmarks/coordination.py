@@ -18,7 +18,9 @@ Modes, each in a fresh subprocess because native pools read their environment wh
   running T native threads (the grid is derived from the budget);
 * ``elastic``: the plan for ``budget`` requests at once applied before the imports (pools start
   at one thread and wait passively), then ``CpuSlots(budget)``, the default policy: a lone
-  request gets the whole budget, grants shrink to one thread as load rises.
+  request gets the whole budget, grants shrink to one thread as load rises;
+* with ``--control``, a second process of every static split: compared with the first by the
+  same criteria as elastic, it shows how far the host alone moves those ratios.
 
 The parent process (this file without ``--worker``) only orchestrates: it never loads numpy or
 torch, so its own threads cannot disturb the measurement.
@@ -82,6 +84,9 @@ class Mode:
     key: str
     kind: str  # "default" | "omp1" | "static" | "elastic"
     threads: int = 0  # T of a static mode
+    # A second process of a static split (--control), compared with the first as elastic is:
+    # what the host alone does to the ratios, since the two differ in nothing else.
+    control: bool = False
 
     @property
     def is_static(self) -> bool:
@@ -89,7 +94,8 @@ class Mode:
 
     def label(self, budget: int) -> str:
         if self.kind == "static":
-            return f"static C={budget // self.threads} T={self.threads}"
+            copy = " (copy)" if self.control else ""
+            return f"static C={budget // self.threads} T={self.threads}{copy}"
         return self.kind
 
 
@@ -103,12 +109,27 @@ def static_grid(budget: int) -> list[int]:
     return sorted(t for t in candidates if 1 <= t <= budget)
 
 
-def all_modes(budget: int) -> list[Mode]:
-    statics = [Mode(f"static-{t}", "static", t) for t in static_grid(budget)]
-    return [Mode("default", "default"), Mode("omp1", "omp1"), *statics, Mode("elastic", "elastic")]
+COPY_SUFFIX = "-copy"
+
+
+def all_modes(budget: int, control: bool = False) -> list[Mode]:
+    grid = static_grid(budget)
+    statics = [Mode(f"static-{t}", "static", t) for t in grid]
+    copies = [Mode(f"static-{t}{COPY_SUFFIX}", "static", t, control=True) for t in grid]
+    return [
+        Mode("default", "default"),
+        Mode("omp1", "omp1"),
+        *statics,
+        Mode("elastic", "elastic"),
+        *(copies if control else []),
+    ]
 
 
 def mode_from_key(key: str) -> Mode:
+    if key.startswith("static-") and key.endswith(COPY_SUFFIX):
+        return dataclasses.replace(
+            mode_from_key(key.removesuffix(COPY_SUFFIX)), key=key, control=True
+        )
     if key.startswith("static-"):
         return Mode(key, "static", int(key.removeprefix("static-")))
     if key in ("default", "omp1", "elastic"):
@@ -711,7 +732,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     from threadbudget import detect_budget
 
     budget = args.budget or detect_budget().budget
-    modes = all_modes(budget)
+    modes = all_modes(budget, control=args.control)
     machine = machine_info(budget)
     machine["loadavg_before"] = load_before
     print_machine(machine, sizes, modes)
@@ -785,6 +806,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_s": wall_s,
         "quick": args.quick,
+        "control": args.control,
         "machine": machine,
         "sizes": sizes.__dict__,
         "levels": list(LEVELS),
@@ -801,6 +823,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "raw_cells": raw,
     }
     stem = f"coordination-{started_at:%Y-%m-%d}" + ("-quick" if args.quick else "")
+    stem += "-control" if args.control else ""
     write_report(report, Path(args.out), stem)
     return 0
 
@@ -894,8 +917,9 @@ def compare(
 ) -> list[Json]:
     """Elastic against the best static (C, T) by throughput, and against the best of all."""
     index = {(s["workload"], s["mode"], s["concurrency"]): s for s in summaries}
-    statics = [m for m in modes if m.is_static]
-    others = [m for m in modes if m.kind != "elastic"]
+    statics = [m for m in modes if m.is_static and not m.control]
+    others = [m for m in modes if m.kind != "elastic" and not m.control]
+    copies = {m.threads: m for m in modes if m.control}
     verdicts: list[Json] = []
     for workload in workloads:
         for level in LEVELS:
@@ -908,6 +932,9 @@ def compare(
             best_any = max(everyone, key=lambda s: s["throughput"])
             thr_ratio = elastic["throughput"] / best["throughput"]
             p99_ratio = elastic["p99_ms"] / best["p99_ms"]
+            best_mode = next(m for m in statics if m.key == best["mode"])
+            copy = copies.get(best_mode.threads)
+            control = index.get((workload, copy.key, level)) if copy else None
             verdicts.append(
                 {
                     "workload": workload,
@@ -931,14 +958,36 @@ def compare(
                     "elastic_grants": elastic["grants_by_size"],
                     # Elastic over the best static within each round (the two ran minutes
                     # apart): how far the host moved the ratio from round to round.
-                    "round_ratios": [
-                        elastic["throughput_by_round"][r] / best["throughput_by_round"][r]
-                        for r in sorted(elastic["throughput_by_round"], key=int)
-                        if r in best["throughput_by_round"]
-                    ],
+                    "round_ratios": _round_ratios(elastic, best),
+                    **({} if control is None else _control_verdict(control, best)),
                 }
             )
     return verdicts
+
+
+def _round_ratios(mode: Json, best: Json) -> list[float]:
+    """*mode*'s throughput over *best*'s within each round (the two ran minutes apart)."""
+    theirs = best["throughput_by_round"]
+    ours = mode["throughput_by_round"]
+    return [ours[r] / theirs[r] for r in sorted(ours, key=int) if r in theirs]
+
+
+def _control_verdict(control: Json, best: Json) -> Json:
+    """The best static split's second process against the first, by elastic's criteria.
+
+    The two run the same configuration, so whatever separates them is the host (and the luck
+    of each process's placement): a target that the copy misses as well says no more about
+    elastic than about the noise.
+    """
+    throughput_ratio = control["throughput"] / best["throughput"]
+    p99_ratio = control["p99_ms"] / best["p99_ms"]
+    return {
+        "control_throughput_ratio": throughput_ratio,
+        "control_p99_ratio": p99_ratio,
+        "control_throughput_met": throughput_ratio >= 0.95,
+        "control_p99_met": p99_ratio <= 1.25,
+        "control_round_ratios": _round_ratios(control, best),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1032,6 +1081,13 @@ def render_markdown(report: Json) -> str:
                 f"| {'yes' if v['noisy'] else ''} "
                 f"| {', '.join(_f(r, 2) for r in v.get('round_ratios', []))} |"
             )
+        controls = [
+            v
+            for v in report["comparisons"]
+            if v["workload"] == workload and "control_p99_ratio" in v
+        ]
+        if controls:
+            _render_controls(add, workload, controls)
         add("")
         add(f"### {workload}: slot wait under saturation")
         add("")
@@ -1085,6 +1141,33 @@ def render_markdown(report: Json) -> str:
     return "\n".join(lines)
 
 
+def _render_controls(add: Callable[[str], None], workload: str, controls: list[Json]) -> None:
+    def misses(prefix: str) -> int:
+        return sum(
+            (not v[f"{prefix}throughput_met"]) + (not v[f"{prefix}p99_met"]) for v in controls
+        )
+
+    add("")
+    add(f"### {workload}: the best static split against a second process of itself")
+    add("")
+    add(
+        "The same configuration in two processes, measured in the same rounds and compared by "
+        "elastic's criteria: what the host alone does to a ratio. Of these "
+        f"{2 * len(controls)} throughput and p99 targets, elastic missed {misses('')} and the "
+        f"copy {misses('control_')}."
+    )
+    add("")
+    add("| N | split | req/s ratio (>= 0.95) | p99 ratio (<= 1.25) | req/s ratio per round |")
+    add("|---:|---|---:|---:|---|")
+    for v in controls:
+        add(
+            f"| {v['concurrency']} | {v['best_static']} | "
+            f"{_f(v['control_throughput_ratio'], 2)} {_mark(v['control_throughput_met'])} | "
+            f"{_f(v['control_p99_ratio'], 2)} {_mark(v['control_p99_met'])} | "
+            f"{', '.join(_f(r, 2) for r in v['control_round_ratios'])} |"
+        )
+
+
 def _describe(workload: str) -> str:
     if workload == "numpy":
         return f"{MATMULS_PER_REQUEST} x {MATMUL_SIZE}x{MATMUL_SIZE} float64 matmuls per request"
@@ -1112,6 +1195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma-separated: numpy,minilm"
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run a second process of every static split, compared with the first as "
+        "elastic is: the noise floor of the ratios on this host",
     )
     parser.add_argument(
         "--report",

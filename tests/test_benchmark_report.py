@@ -91,3 +91,60 @@ def test_report_of_something_else_says_what_is_wrong(
     error = capsys.readouterr().err
     assert str(not_a_run) in error
     assert "not a coordination report" in error
+
+
+def summary(mode: str, label: str, level: int, by_round: list[float], p99_ms: float) -> Any:
+    return {
+        "workload": "numpy",
+        "mode": mode,
+        "label": label,
+        "concurrency": level,
+        "throughput": statistics.median(by_round),
+        "throughput_by_round": {str(r): t for r, t in enumerate(by_round)},
+        "p99_ms": p99_ms,
+        "other_cores": 0.0,
+        "probe_slowdown_max": 1.0,
+        "grants_by_size": {},
+    }
+
+
+def test_control_copies_are_compared_with_their_split_and_never_chosen_as_best() -> None:
+    bench = load_benchmark()
+    modes = bench.all_modes(2, control=True)
+    keys = [mode.key for mode in modes]
+    assert keys == [
+        "default",
+        "omp1",
+        "static-1",
+        "static-2",
+        "elastic",
+        "static-1-copy",
+        "static-2-copy",
+    ]
+    copy = bench.mode_from_key("static-1-copy")
+    assert (copy.kind, copy.threads, copy.control) == ("static", 1, True)
+    assert copy.label(2) == "static C=2 T=1 (copy)"
+    assert [m.key for m in bench.all_modes(2)] == keys[:5]
+    with pytest.raises(ValueError, match="elastic-copy"):
+        bench.mode_from_key("elastic-copy")
+
+    # The copy has the highest throughput of all: it must still not be the "best static".
+    summaries = [
+        summary("static-1", "static C=2 T=1", 4, [100, 120, 110], 50.0),
+        summary("static-2", "static C=1 T=2", 4, [80, 90, 85], 70.0),
+        summary("elastic", "elastic", 4, [99, 121, 100], 55.0),
+        summary("static-1-copy", "static C=2 T=1 (copy)", 4, [130, 90, 125], 70.0),
+    ]
+    (verdict,) = bench.compare(summaries, modes, 2, ["numpy"])
+    assert verdict["best_static"] == "static C=2 T=1"
+    assert verdict["best_any"] == "static C=2 T=1"
+    assert verdict["throughput_ratio"] == pytest.approx(100 / 110)
+    assert verdict["control_throughput_ratio"] == pytest.approx(125 / 110)
+    assert verdict["control_p99_ratio"] == pytest.approx(70 / 50)
+    assert verdict["control_throughput_met"] is True
+    assert verdict["control_p99_met"] is False
+    assert verdict["control_round_ratios"] == pytest.approx([1.3, 0.75, 125 / 110])
+
+    # Without a copy of the winning split, no control figures are made up.
+    (plain,) = bench.compare(summaries[:3], bench.all_modes(2), 2, ["numpy"])
+    assert "control_throughput_ratio" not in plain
