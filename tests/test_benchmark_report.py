@@ -148,3 +148,31 @@ def test_control_copies_are_compared_with_their_split_and_never_chosen_as_best()
     # Without a copy of the winning split, no control figures are made up.
     (plain,) = bench.compare(summaries[:3], bench.all_modes(2), 2, ["numpy"])
     assert "control_throughput_ratio" not in plain
+
+
+def test_report_of_a_control_run_counts_the_misses_of_elastic_and_of_the_copy(
+    tmp_path: Path,
+) -> None:
+    saved = tmp_path / "control.json"
+    shutil.copy(BENCHMARKS / "results" / "coordination-2026-12-02-control.json", saved)
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+
+    rebuilt = json.loads(saved.read_text())
+    assert rebuilt["control"] is True
+    markdown = saved.with_suffix(".md").read_text()
+    for workload in ("numpy", "minilm"):
+        verdicts = [v for v in rebuilt["comparisons"] if v["workload"] == workload]
+        elastic_misses = sum((not v["throughput_met"]) + (not v["p99_met"]) for v in verdicts)
+        copy_misses = sum(
+            (not v["control_throughput_met"]) + (not v["control_p99_met"]) for v in verdicts
+        )
+        assert f"### {workload}: the best static split against a second process of itself" in (
+            markdown
+        )
+        assert (
+            f"Of these 10 throughput and p99 targets, elastic missed {elastic_misses} and the "
+            f"copy {copy_misses}."
+        ) in markdown
+    # Copies are measured and listed, but never the split elastic is judged against.
+    assert all("(copy)" not in v["best_static"] for v in rebuilt["comparisons"])
+    assert "| 4 | static C=2 T=1 (copy) |" in markdown
