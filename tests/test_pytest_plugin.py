@@ -42,6 +42,7 @@ TWO_CPUS = pytest.mark.skipif(
 
 BURNERS = """
 import hashlib
+import os
 import threading
 import time
 
@@ -65,6 +66,12 @@ def run_threads(count):
         thread.start()
     for thread in threads:
         thread.join()
+    # join() returns when the Python side is done; the OS thread can linger a moment longer,
+    # and a reading taken then would rightly count it. Wait (briefly) until the kernel is done.
+    ids = {str(thread.native_id) for thread in threads}
+    deadline = time.monotonic() + 5
+    while ids & set(os.listdir("/proc/self/task")) and time.monotonic() < deadline:
+        time.sleep(0.001)
 """
 
 
