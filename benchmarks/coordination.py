@@ -919,7 +919,6 @@ def compare(
     index = {(s["workload"], s["mode"], s["concurrency"]): s for s in summaries}
     statics = [m for m in modes if m.is_static and not m.control]
     others = [m for m in modes if m.kind != "elastic" and not m.control]
-    copies = {m.threads: m for m in modes if m.control}
     verdicts: list[Json] = []
     for workload in workloads:
         for level in LEVELS:
@@ -932,9 +931,7 @@ def compare(
             best_any = max(everyone, key=lambda s: s["throughput"])
             thr_ratio = elastic["throughput"] / best["throughput"]
             p99_ratio = elastic["p99_ms"] / best["p99_ms"]
-            best_mode = next(m for m in statics if m.key == best["mode"])
-            copy = copies.get(best_mode.threads)
-            control = index.get((workload, copy.key, level)) if copy else None
+            control = index.get((workload, best["mode"] + COPY_SUFFIX, level))
             verdicts.append(
                 {
                     "workload": workload,
