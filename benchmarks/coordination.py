@@ -68,6 +68,13 @@ NOISY_CORES = 0.25
 PROBE_SLOWDOWN = 1.25
 PROBE_WAIT_S = 15.0
 _PROBE_DATA = bytes(16 << 20)
+# Before a cell starts, the workers' processes must use less than QUIET_CORES over one
+# QUIET_WINDOW_S (waiting up to QUIET_WAIT_S): the previous mode's native pools may still be
+# spinning. CPU time is counted in clock ticks (10 ms), so a window of 50 ms sees a spinning
+# thread as 4-5 ticks and an idle process as none.
+QUIET_WINDOW_S = 0.05
+QUIET_CORES = 0.1
+QUIET_WAIT_S = 3.0
 
 Json = dict[str, Any]
 
@@ -268,6 +275,41 @@ def wait_for_capacity(reference: float) -> tuple[float, float]:
         if reference <= 0 or probe <= PROBE_SLOWDOWN * reference or waited >= PROBE_WAIT_S:
             return probe, waited
         time.sleep(0.5)
+
+
+def processes_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds the processes *pids* have used so far, every thread included (gone: 0)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def wait_until_quiet(pids: Sequence[int]) -> float:
+    """Wait until the processes *pids* use no CPU (at most QUIET_WAIT_S); seconds waited.
+
+    After its last request a native pool keeps spinning on a CPU: OpenBLAS's threads for 2^28
+    cycles by default (~0.1 s), libgomp's for some milliseconds. The cells of one level run
+    one mode after another in the same cyclic order, so without this wait one mode would always
+    start its cell beside the spinning pool of the same predecessor. ``quiet_start.py``
+    measures it: elastic's lone numpy requests right after the C=1 T=2 split had a p99 1.28x
+    that after this wait.
+    """
+    began = time.perf_counter()
+    used = processes_cpu_seconds(pids)
+    while True:
+        time.sleep(QUIET_WINDOW_S)
+        now = processes_cpu_seconds(pids)
+        waited = time.perf_counter() - began
+        if now - used < QUIET_CORES * QUIET_WINDOW_S or waited >= QUIET_WAIT_S:
+            return waited
+        used = now
 
 
 def busy_cpu_seconds() -> float:
@@ -695,6 +737,10 @@ class Cell:
             "throughput_by_round": {str(run["round"]): run["throughput"] for run in self.runs},
             "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99),
+            "p99_ms_by_round": {
+                str(run["round"]): percentile([v / 1000 for v in run["latencies_us"]], 99)
+                for run in self.runs
+            },
             "wait_p50_ms": percentile(waits, 50),
             "wait_p99_ms": percentile(waits, 99),
             # Within each run, then the median over runs: pooling runs would add the drift of
@@ -755,12 +801,14 @@ def orchestrate(args: argparse.Namespace) -> int:
                 for level in LEVELS:
                     line = []
                     for worker in live[turn % len(live) :] + live[: turn % len(live)]:
+                        settled = wait_until_quiet([w.process.pid for w in live])
                         probe, waited = wait_for_capacity(reference)
                         cell = worker.ask(f"cell {level} {round_no}", cell_timeout)
                         if cell is None or cell.get("kind") != "cell":
                             continue
                         reference = min(reference, probe)
                         cell.update(
+                            settle_s=settled,
                             probe_s=probe,
                             probe_waited_s=waited,
                             probe_slowdown=probe / reference,
@@ -769,9 +817,11 @@ def orchestrate(args: argparse.Namespace) -> int:
                         raw.append(cell)
                         line.append(f"{worker.mode.label(budget)}:{cell['throughput']:.1f}/s")
                     turn += 1
+                    settles = [c["settle_s"] for c in raw[-len(line) :]] if line else [0.0]
                     print(
                         f"[round {round_no + 1}/{sizes.rounds}] {workload:6} N={level:<3} "
-                        + "  ".join(line),
+                        + "  ".join(line)
+                        + f"  (settled in <= {max(settles) * 1000:.0f} ms)",
                         flush=True,
                     )
             for worker in live:
@@ -956,16 +1006,19 @@ def compare(
                     # Elastic over the best static within each round (the two ran minutes
                     # apart): how far the host moved the ratio from round to round.
                     "round_ratios": _round_ratios(elastic, best),
+                    # The same for p99: one slow round sets a pooled p99 by itself, so the
+                    # median of the paired per-round ratios says what the rounds agree on.
+                    "p99_round_ratios": _round_ratios(elastic, best, "p99_ms_by_round"),
                     **({} if control is None else _control_verdict(control, best)),
                 }
             )
     return verdicts
 
 
-def _round_ratios(mode: Json, best: Json) -> list[float]:
-    """*mode*'s throughput over *best*'s within each round (the two ran minutes apart)."""
-    theirs = best["throughput_by_round"]
-    ours = mode["throughput_by_round"]
+def _round_ratios(mode: Json, best: Json, key: str = "throughput_by_round") -> list[float]:
+    """*mode*'s *key* over *best*'s within each round (the two ran minutes apart)."""
+    theirs = best[key]
+    ours = mode[key]
     return [ours[r] / theirs[r] for r in sorted(ours, key=int) if r in theirs]
 
 
@@ -984,6 +1037,7 @@ def _control_verdict(control: Json, best: Json) -> Json:
         "control_throughput_met": throughput_ratio >= 0.95,
         "control_p99_met": p99_ratio <= 1.25,
         "control_round_ratios": _round_ratios(control, best),
+        "control_p99_round_ratios": _round_ratios(control, best, "p99_ms_by_round"),
     }
 
 
@@ -1027,7 +1081,8 @@ def render_markdown(report: Json) -> str:
         f"{NOISY_CORES} cores for elastic or the best static, or where a run of either started "
         f"while the capacity probe ran more than {PROBE_SLOWDOWN}x slower than its best (a host "
         f"that takes a virtual CPU away shows no other process's CPU time). Each cell waits up "
-        f"to {PROBE_WAIT_S:.0f} s for the probe to come within that factor. Wall time "
+        f"to {PROBE_WAIT_S:.0f} s for the probe to come within that factor. "
+        f"{_settle_sentence(report['raw_cells'])}Wall time "
         f"{report['wall_s'] / 60:.1f} min{' (--quick)' if report['quick'] else ''}."
     )
     for workload in {s["workload"]: None for s in report["summaries"]}:
@@ -1057,15 +1112,17 @@ def render_markdown(report: Json) -> str:
         add(
             "Ratios of the medians over the runs (throughput) and of the pooled p99s; the last "
             "column is elastic's throughput over the best static's within each round, the two "
-            "measured minutes apart: how far the shared host moves the ratio between rounds."
+            "measured minutes apart: how far the shared host moves the ratio between rounds. "
+            "The p99 ratio per round pairs the two the same way; its median is what the rounds "
+            "agree on, where a pooled p99 can be set by one slow round alone."
         )
         add("")
         add(
             "| N | best static | its req/s | its p99 ms | elastic req/s | elastic p99 ms "
             "| req/s ratio (>= 0.95) | p99 ratio (<= 1.25) | best of all modes | ratio to it "
-            "| disturbed | req/s ratio per round |"
+            "| disturbed | req/s ratio per round | p99 ratio per round: median [min-max] |"
         )
-        add("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|")
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|---|")
         for v in report["comparisons"]:
             if v["workload"] != workload:
                 continue
@@ -1076,7 +1133,8 @@ def render_markdown(report: Json) -> str:
                 f"{_mark(v['throughput_met'])} | {_f(v['p99_ratio'], 2)} {_mark(v['p99_met'])} "
                 f"| {v['best_any']} | {_f(v['throughput_ratio_any'], 2)} "
                 f"| {'yes' if v['noisy'] else ''} "
-                f"| {', '.join(_f(r, 2) for r in v.get('round_ratios', []))} |"
+                f"| {', '.join(_f(r, 2) for r in v.get('round_ratios', []))} "
+                f"| {_median_range(v.get('p99_round_ratios', []))} |"
             )
         controls = [
             v
@@ -1138,6 +1196,22 @@ def render_markdown(report: Json) -> str:
     return "\n".join(lines)
 
 
+def _settle_sentence(cells: list[Json]) -> str:
+    settles = [c["settle_s"] for c in cells if "settle_s" in c]
+    if not settles:
+        # Saved before the wait existed: say so, since its absence biased one comparison.
+        return (
+            "This run's cells did not wait for the previous mode's native pools to stop "
+            "spinning: elastic ran right after the split of whole-budget threads, whose pool "
+            "could still be spinning, in all but one cell of each rotation. "
+        )
+    return (
+        f"Before that, each cell waits until no worker process uses CPU (the previous mode's "
+        f"native pools stop spinning): median {statistics.median(settles) * 1000:.0f} ms, "
+        f"max {max(settles) * 1000:.0f} ms. "
+    )
+
+
 def _render_controls(add: Callable[[str], None], workload: str, controls: list[Json]) -> None:
     def misses(prefix: str) -> int:
         return sum(
@@ -1154,15 +1228,25 @@ def _render_controls(add: Callable[[str], None], workload: str, controls: list[J
         f"copy {misses('control_')}."
     )
     add("")
-    add("| N | split | req/s ratio (>= 0.95) | p99 ratio (<= 1.25) | req/s ratio per round |")
-    add("|---:|---|---:|---:|---|")
+    add(
+        "| N | split | req/s ratio (>= 0.95) | p99 ratio (<= 1.25) | req/s ratio per round "
+        "| p99 ratio per round: median [min-max] |"
+    )
+    add("|---:|---|---:|---:|---|---|")
     for v in controls:
         add(
             f"| {v['concurrency']} | {v['best_static']} | "
             f"{_f(v['control_throughput_ratio'], 2)} {_mark(v['control_throughput_met'])} | "
             f"{_f(v['control_p99_ratio'], 2)} {_mark(v['control_p99_met'])} | "
-            f"{', '.join(_f(r, 2) for r in v['control_round_ratios'])} |"
+            f"{', '.join(_f(r, 2) for r in v['control_round_ratios'])} | "
+            f"{_median_range(v.get('control_p99_round_ratios', []))} |"
         )
+
+
+def _median_range(ratios: Sequence[float]) -> str:
+    if not ratios:
+        return ""
+    return f"{_f(statistics.median(ratios), 2)} [{_f(min(ratios), 2)}-{_f(max(ratios), 2)}]"
 
 
 def _describe(workload: str) -> str:

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -31,16 +32,23 @@ def load_benchmark() -> ModuleType:
     return module
 
 
-def spread(values: list[int]) -> float:
-    """p99 / p50 with linear interpolation, written out here independently of the benchmark."""
+def quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks, written out here independently of the
+    benchmark."""
     ordered = sorted(values)
+    rank = (len(ordered) - 1) * q
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
-    def at(q: float) -> float:
-        rank = (len(ordered) - 1) * q
-        low, high = math.floor(rank), math.ceil(rank)
-        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
-    return at(0.99) / at(0.50)
+def run_p99(run: dict[str, Any]) -> float:
+    return quantile([v / 1000 for v in run["latencies_us"]], 0.99)
+
+
+def spread(values: list[int]) -> float:
+    """p99 / p50."""
+    as_floats = [float(v) for v in values]
+    return quantile(as_floats, 0.99) / quantile(as_floats, 0.50)
 
 
 def test_report_rebuilds_tables_with_round_ratios_and_service_spread(
@@ -70,6 +78,8 @@ def test_report_rebuilds_tables_with_round_ratios_and_service_spread(
         best = raw[(cell[0], labels[comparison["best_static"]], cell[1])]
         expected = [elastic[r]["throughput"] / best[r]["throughput"] for r in sorted(elastic)]
         assert comparison["round_ratios"] == pytest.approx(expected)
+        expected = [run_p99(elastic[r]) / run_p99(best[r]) for r in sorted(elastic)]
+        assert comparison["p99_round_ratios"] == pytest.approx(expected)
     for summary in rebuilt["summaries"]:
         runs = raw[(summary["workload"], summary["mode"], summary["concurrency"])].values()
         expected_spread = statistics.median(spread(run["service_us"]) for run in runs)
@@ -77,7 +87,7 @@ def test_report_rebuilds_tables_with_round_ratios_and_service_spread(
 
     markdown = saved.with_suffix(".md").read_text()
     assert markdown.startswith("# Coordination benchmark, 2026-12-02")
-    assert "| req/s ratio per round |" in markdown
+    assert "| req/s ratio per round | p99 ratio per round: median [min-max] |" in markdown
     assert "| run p99 / p50, per run (median) |" in markdown
     assert markdown in capsys.readouterr().out
 
@@ -93,7 +103,9 @@ def test_report_of_something_else_says_what_is_wrong(
     assert "not a coordination report" in error
 
 
-def summary(mode: str, label: str, level: int, by_round: list[float], p99_ms: float) -> Any:
+def summary(
+    mode: str, label: str, level: int, by_round: list[float], p99_by_round: list[float]
+) -> Any:
     return {
         "workload": "numpy",
         "mode": mode,
@@ -101,7 +113,8 @@ def summary(mode: str, label: str, level: int, by_round: list[float], p99_ms: fl
         "concurrency": level,
         "throughput": statistics.median(by_round),
         "throughput_by_round": {str(r): t for r, t in enumerate(by_round)},
-        "p99_ms": p99_ms,
+        "p99_ms": max(p99_by_round),
+        "p99_ms_by_round": {str(r): p for r, p in enumerate(p99_by_round)},
         "other_cores": 0.0,
         "probe_slowdown_max": 1.0,
         "grants_by_size": {},
@@ -130,10 +143,10 @@ def test_control_copies_are_compared_with_their_split_and_never_chosen_as_best()
 
     # The copy has the highest throughput of all: it must still not be the "best static".
     summaries = [
-        summary("static-1", "static C=2 T=1", 4, [100, 120, 110], 50.0),
-        summary("static-2", "static C=1 T=2", 4, [80, 90, 85], 70.0),
-        summary("elastic", "elastic", 4, [99, 121, 100], 55.0),
-        summary("static-1-copy", "static C=2 T=1 (copy)", 4, [130, 90, 125], 70.0),
+        summary("static-1", "static C=2 T=1", 4, [100, 120, 110], [40.0, 50.0, 45.0]),
+        summary("static-2", "static C=1 T=2", 4, [80, 90, 85], [70.0, 60.0, 65.0]),
+        summary("elastic", "elastic", 4, [99, 121, 100], [44.0, 55.0, 36.0]),
+        summary("static-1-copy", "static C=2 T=1 (copy)", 4, [130, 90, 125], [70.0, 30, 45]),
     ]
     (verdict,) = bench.compare(summaries, modes, 2, ["numpy"])
     assert verdict["best_static"] == "static C=2 T=1"
@@ -144,6 +157,9 @@ def test_control_copies_are_compared_with_their_split_and_never_chosen_as_best()
     assert verdict["control_throughput_met"] is True
     assert verdict["control_p99_met"] is False
     assert verdict["control_round_ratios"] == pytest.approx([1.3, 0.75, 125 / 110])
+    # p99 paired round by round, for elastic and for the copy alike.
+    assert verdict["p99_round_ratios"] == pytest.approx([1.1, 1.1, 0.8])
+    assert verdict["control_p99_round_ratios"] == pytest.approx([1.75, 0.6, 1.0])
 
     # Without a copy of the winning split, no control figures are made up.
     (plain,) = bench.compare(summaries[:3], bench.all_modes(2), 2, ["numpy"])
@@ -176,3 +192,72 @@ def test_report_of_a_control_run_counts_the_misses_of_elastic_and_of_the_copy(
     # Copies are measured and listed, but never the split elastic is judged against.
     assert all("(copy)" not in v["best_static"] for v in rebuilt["comparisons"])
     assert "| 4 | static C=2 T=1 (copy) |" in markdown
+
+
+SPIN_THEN_IDLE = """
+import sys, time
+print("spinning", flush=True)
+began = time.perf_counter()
+while time.perf_counter() - began < float(sys.argv[1]):
+    pass
+time.sleep(60)
+"""
+
+
+def test_cells_wait_for_a_spinning_worker_to_go_quiet() -> None:
+    bench = load_benchmark()
+    child = subprocess.Popen(
+        [sys.executable, "-c", SPIN_THEN_IDLE, "0.6"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "spinning"
+        waited = bench.wait_until_quiet([child.pid])
+        # It waits out most of the spin, but not the whole allowance of a busy machine.
+        assert 0.3 <= waited < bench.QUIET_WAIT_S
+        # Now idle: one window is enough.
+        assert bench.wait_until_quiet([child.pid]) < 3 * bench.QUIET_WINDOW_S + 0.5
+    finally:
+        child.kill()
+        child.wait()
+    # A process that has ended is quiet, not an error.
+    assert bench.wait_until_quiet([child.pid]) < 3 * bench.QUIET_WINDOW_S + 0.5
+
+
+def test_report_says_whether_cells_waited_for_quiet_workers(tmp_path: Path) -> None:
+    saved = tmp_path / SAVED_RUN.name
+    report = json.loads(SAVED_RUN.read_text())
+    saved.write_text(json.dumps(report))
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+    assert "did not wait for the previous mode's native pools" in (
+        saved.with_suffix(".md").read_text()
+    )
+
+    for index, cell in enumerate(report["raw_cells"]):
+        cell["settle_s"] = 0.05 if index % 2 else 0.25
+    saved.write_text(json.dumps(report))
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+    markdown = saved.with_suffix(".md").read_text()
+    assert "each cell waits until no worker process uses CPU" in markdown
+    assert "median 150 ms, max 250 ms" in markdown
+
+
+def test_quiet_start_compares_a_cell_right_after_a_spinning_pool_with_one_after_the_wait() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "quiet_start.py"), "--rounds", "1", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| elastic's cell of lone numpy requests | p50 ms | p99 ms |")
+    right_after, after_quiet = (row.split(" | ") for row in rows[1:])
+    from threadbudget import detect_budget
+
+    split = f"static C=1 T={detect_budget().budget}"
+    assert right_after[0] == f"| right after {split}"
+    assert after_quiet[0] == f"| after quiet {split}"
+    assert float(right_after[-1].rstrip(" |")) == 0  # no wait when it is not asked for
+    assert all(float(value) > 0 for value in after_quiet[1:3])
