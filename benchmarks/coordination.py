@@ -781,7 +781,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     modes = all_modes(budget, control=args.control)
     machine = machine_info(budget)
     machine["loadavg_before"] = load_before
-    print_machine(machine, sizes, modes)
+    print_machine(machine, sizes, modes, args.levels)
 
     # One live worker per mode, asked for the same cell in turn (the order rotated from cell to
     # cell): drift of a shared machine, which comes and goes within seconds, then lands on
@@ -798,7 +798,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             live = [w for w in pool if _ready(w.next_record(300 + cell_timeout))]
             turn = 0
             for round_no in range(sizes.rounds):
-                for level in LEVELS:
+                for level in args.levels:
                     line = []
                     for worker in live[turn % len(live) :] + live[: turn % len(live)]:
                         settled = wait_until_quiet([w.process.pid for w in live])
@@ -859,7 +859,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "control": args.control,
         "machine": machine,
         "sizes": sizes.__dict__,
-        "levels": list(LEVELS),
+        "levels": list(args.levels),
         "modes": [{"key": m.key, "label": m.label(budget)} for m in modes],
         "statistics": {
             "throughput": "median of the per-run throughputs (requests / time to last completion)",
@@ -874,6 +874,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     }
     stem = f"coordination-{started_at:%Y-%m-%d}" + ("-quick" if args.quick else "")
     stem += "-control" if args.control else ""
+    if tuple(args.levels) != LEVELS:
+        stem += "-n" + "-".join(map(str, args.levels))
     write_report(report, Path(args.out), stem)
     return 0
 
@@ -928,7 +930,7 @@ def machine_info(budget: int) -> Json:
     }
 
 
-def print_machine(machine: Json, sizes: Sizes, modes: list[Mode]) -> None:
+def print_machine(machine: Json, sizes: Sizes, modes: list[Mode], levels: list[int]) -> None:
     budget = machine["budget"]
     print(
         f"CPUs {machine['cpu_count']}, affinity {machine['affinity']}, budget {budget}"
@@ -937,7 +939,7 @@ def print_machine(machine: Json, sizes: Sizes, modes: list[Mode]) -> None:
     )
     print(f"load average before: {machine['loadavg_before']} (shared machine: noisy)", flush=True)
     print(
-        f"modes: {', '.join(m.label(budget) for m in modes)}; levels {list(LEVELS)};"
+        f"modes: {', '.join(m.label(budget) for m in modes)}; levels {levels};"
         f" rounds {sizes.rounds}; cap {sizes.cell_cap_s:.0f} s per cell",
         flush=True,
     )
@@ -953,10 +955,11 @@ def aggregate(
         if key not in cells:
             cells[key] = Cell(run["workload"], by_key[run["mode"]], run["concurrency"], [])
         cells[key].runs.append(run)
+    levels = sorted({run["concurrency"] for run in raw})
     return [
         cells[(w, m.key, n)].summary(budget)
         for w in workloads
-        for n in LEVELS
+        for n in levels
         for m in modes
         if (w, m.key, n) in cells
     ]
@@ -970,8 +973,9 @@ def compare(
     statics = [m for m in modes if m.is_static and not m.control]
     others = [m for m in modes if m.kind != "elastic" and not m.control]
     verdicts: list[Json] = []
+    levels = sorted({s["concurrency"] for s in summaries})
     for workload in workloads:
-        for level in LEVELS:
+        for level in levels:
             elastic = index.get((workload, "elastic", level))
             candidates = [index[k] for m in statics if (k := (workload, m.key, level)) in index]
             everyone = [index[k] for m in others if (k := (workload, m.key, level)) in index]
@@ -1266,6 +1270,18 @@ def _loads(values: Iterator[float] | Sequence[float]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        levels = []
+    if not levels or levels[0] < 1:
+        raise argparse.ArgumentTypeError(
+            f"--levels wants whole numbers >= 1 separated by commas, got {text!r}"
+        )
+    return levels
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="one round, fewer requests")
@@ -1276,6 +1292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma-separated: numpy,minilm"
+    )
+    parser.add_argument(
+        "--levels",
+        type=parse_levels,
+        default=list(LEVELS),
+        help=f"comma-separated concurrency levels (default {','.join(map(str, LEVELS))}): "
+        "more rounds of fewer levels in the same time",
     )
     parser.add_argument(
         "--control",

@@ -261,3 +261,28 @@ def test_quiet_start_compares_a_cell_right_after_a_spinning_pool_with_one_after_
     assert after_quiet[0] == f"| after quiet {split}"
     assert float(right_after[-1].rstrip(" |")) == 0  # no wait when it is not asked for
     assert all(float(value) > 0 for value in after_quiet[1:3])
+
+
+def test_levels_are_chosen_on_the_command_line_and_reported_as_measured(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = load_benchmark()
+    assert bench.parse_levels("32") == [32]
+    assert bench.parse_levels("10, 2,10") == [2, 10]
+    for bad in ("", "0", "four", "2,-1"):
+        with pytest.raises(SystemExit) as exited:
+            bench.main(["--levels", bad])
+        assert exited.value.code == 2
+        assert f"--levels wants whole numbers >= 1 separated by commas, got {bad!r}" in (
+            capsys.readouterr().err
+        )
+
+    # A level outside the default grid is summarised and compared like any other.
+    modes = bench.all_modes(2)
+    summaries = [
+        summary("static-1", "static C=2 T=1", 16, [100, 110], [40.0, 50.0]),
+        summary("elastic", "elastic", 16, [105, 99], [44.0, 45.0]),
+    ]
+    (verdict,) = bench.compare(summaries, modes, 2, ["numpy"])
+    assert verdict["concurrency"] == 16
+    assert verdict["throughput_ratio"] == pytest.approx(102 / 105)
