@@ -298,8 +298,8 @@ def wait_until_quiet(pids: Sequence[int]) -> float:
     cycles by default (~0.1 s), libgomp's for some milliseconds. The cells of one level run
     one mode after another in the same cyclic order, so without this wait one mode would always
     start its cell beside the spinning pool of the same predecessor. ``quiet_start.py``
-    measures it: elastic's lone numpy requests right after the C=1 T=2 split had a p99 1.28x
-    that after this wait.
+    measures it: elastic's lone numpy requests right after the C=1 T=2 split had a median p99
+    1.07-1.28x that after this wait (four runs).
     """
     began = time.perf_counter()
     used = processes_cpu_seconds(pids)

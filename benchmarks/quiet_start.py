@@ -38,13 +38,12 @@ def load_coordination() -> ModuleType:
     return module
 
 
-def describe(cell: dict[str, Any], settle_s: float) -> dict[str, float]:
+def describe(bench: ModuleType, cell: dict[str, Any], settle_s: float) -> dict[str, float]:
     latencies = [v / 1000 for v in cell["latencies_us"]]  # in issue order at one client
-    ordered = sorted(latencies)
     head = min(FIRST, len(latencies) // 2)  # --quick cells of MiniLM hold only 8
     return {
         "p50": statistics.median(latencies),
-        "p99": ordered[round(0.99 * (len(ordered) - 1))],
+        "p99": bench.percentile(latencies, 99),
         "first": statistics.mean(latencies[:head]) / statistics.median(latencies[head:]),
         "settle": settle_s * 1000,
     }
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cell is None or cell.get("kind") != "cell":
                     print("elastic's worker gave no cell", file=sys.stderr)
                     return 1
-                results[condition].append(describe(cell, settle_s))
+                results[condition].append(describe(bench, cell, settle_s))
             line = "  ".join(
                 f"{c}: p99 {r[-1]['p99']:.1f} ms, first {FIRST} {r[-1]['first']:.2f}x"
                 for c, r in results.items()
@@ -106,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             f"| {condition} {split_mode.label(budget)} | {median['p50']:.2f} | "
             f"{median['p99']:.2f} | {median['first']:.2f} | {median['settle']:.0f} |"
         )
+    # The two cells of a round ran seconds apart: their ratio is the paired comparison.
+    paired = [
+        after["p99"] / quiet["p99"]
+        for after, quiet in zip(results["right after"], results["after quiet"], strict=True)
+    ]
+    higher = sum(ratio > 1 for ratio in paired)
+    print()
+    print(
+        f"p99 right after / after quiet, per round: median {statistics.median(paired):.2f} "
+        f"[{min(paired):.2f}-{max(paired):.2f}]; higher right after in {higher} of "
+        f"{len(paired)} rounds"
+    )
     return 0
 
 
