@@ -286,3 +286,27 @@ def test_levels_are_chosen_on_the_command_line_and_reported_as_measured(
     (verdict,) = bench.compare(summaries, modes, 2, ["numpy"])
     assert verdict["concurrency"] == 16
     assert verdict["throughput_ratio"] == pytest.approx(102 / 105)
+
+
+def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
+    command = [sys.executable, str(BENCHMARKS / "handoff.py"), "--levels", "1,3"]
+    done = subprocess.run(
+        [*command, "--rounds", "1", "--seconds", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {
+        cells[0]: cells
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and (cells := line.strip(" |").split(" | "))[0].isdigit()
+    }
+    assert sorted(rows) == ["1", "3"]
+    for cells in rows.values():
+        _level, cores, held, handoffs, *gaps = cells
+        assert int(handoffs) > 0
+        assert 0 < float(held.rstrip("%")) <= 100
+        assert float(cores) > 0
+        assert len(gaps) == 3
