@@ -800,8 +800,10 @@ def orchestrate(args: argparse.Namespace) -> int:
             for round_no in range(sizes.rounds):
                 for level in args.levels:
                     line = []
+                    settles = [0.0]
                     for worker in live[turn % len(live) :] + live[: turn % len(live)]:
                         settled = wait_until_quiet([w.process.pid for w in live])
+                        settles.append(settled)
                         probe, waited = wait_for_capacity(reference)
                         cell = worker.ask(f"cell {level} {round_no}", cell_timeout)
                         if cell is None or cell.get("kind") != "cell":
@@ -817,7 +819,6 @@ def orchestrate(args: argparse.Namespace) -> int:
                         raw.append(cell)
                         line.append(f"{worker.mode.label(budget)}:{cell['throughput']:.1f}/s")
                     turn += 1
-                    settles = [c["settle_s"] for c in raw[-len(line) :]] if line else [0.0]
                     print(
                         f"[round {round_no + 1}/{sizes.rounds}] {workload:6} N={level:<3} "
                         + "  ".join(line)

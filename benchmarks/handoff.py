@@ -23,19 +23,9 @@ import sys
 import threading
 import time
 
+from coordination import parse_levels  # this directory is on sys.path when run as a script
+
 DATA = bytes(8 << 20)
-
-
-def parse_levels(text: str) -> list[int]:
-    try:
-        levels = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        levels = []
-    if not levels or levels[0] < 1:
-        raise argparse.ArgumentTypeError(
-            f"--levels wants whole numbers >= 1 separated by commas, got {text!r}"
-        )
-    return levels
 
 
 def run_cell(budget: int, clients: int, seconds: float) -> tuple[float, float, list[float]]:

@@ -17,33 +17,21 @@ and how long the wait took.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+import coordination  # this directory is on sys.path when run as a script
 
 FIRST = 12  # requests at the start of a cell that a predecessor's spinning pool can reach
 
 
-def load_coordination() -> ModuleType:
-    path = Path(__file__).resolve().parent / "coordination.py"
-    spec = importlib.util.spec_from_file_location("coordination", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-def describe(bench: ModuleType, cell: dict[str, Any], settle_s: float) -> dict[str, float]:
+def describe(cell: dict[str, Any], settle_s: float) -> dict[str, float]:
     latencies = [v / 1000 for v in cell["latencies_us"]]  # in issue order at one client
     head = min(FIRST, len(latencies) // 2)  # --quick cells of MiniLM hold only 8
     return {
         "p50": statistics.median(latencies),
-        "p99": bench.percentile(latencies, 99),
+        "p99": coordination.percentile(latencies, 99),
         "first": statistics.mean(latencies[:head]) / statistics.median(latencies[head:]),
         "settle": settle_s * 1000,
     }
@@ -58,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
 
-    bench = load_coordination()
     from threadbudget import detect_budget
 
     budget = detect_budget().budget
-    split_mode = bench.Mode(f"static-{budget}", "static", budget)
-    split = bench.Worker(args.workload, split_mode, budget, args.quick)
-    elastic = bench.Worker(args.workload, bench.Mode("elastic", "elastic"), budget, args.quick)
+    split_mode = coordination.Mode(f"static-{budget}", "static", budget)
+    split = coordination.Worker(args.workload, split_mode, budget, args.quick)
+    elastic_mode = coordination.Mode("elastic", "elastic")
+    elastic = coordination.Worker(args.workload, elastic_mode, budget, args.quick)
     workers = (split, elastic)
     results: dict[str, list[dict[str, float]]] = {"right after": [], "after quiet": []}
     try:
@@ -72,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
             print("a worker did not start", file=sys.stderr)
             return 1
         pids = [w.process.pid for w in workers]
-        reference = min(bench.capacity_probe() for _ in range(5))
+        reference = min(coordination.capacity_probe() for _ in range(5))
         for round_no in range(args.rounds):
             for condition, settle in (("right after", False), ("after quiet", True)):
-                bench.wait_until_quiet(pids)  # the split's cell starts quiet either way
+                coordination.wait_until_quiet(pids)  # the split's cell starts quiet either way
                 split.ask(f"cell 1 {round_no}", 600)
-                settle_s = bench.wait_until_quiet(pids) if settle else 0.0
-                bench.wait_for_capacity(reference)
+                settle_s = coordination.wait_until_quiet(pids) if settle else 0.0
+                coordination.wait_for_capacity(reference)
                 cell = elastic.ask(f"cell 1 {round_no}", 600)
                 if cell is None or cell.get("kind") != "cell":
                     print("elastic's worker gave no cell", file=sys.stderr)
                     return 1
-                results[condition].append(describe(bench, cell, settle_s))
+                results[condition].append(describe(cell, settle_s))
             line = "  ".join(
                 f"{c}: p99 {r[-1]['p99']:.1f} ms, first {FIRST} {r[-1]['first']:.2f}x"
                 for c, r in results.items()
