@@ -1,7 +1,7 @@
 """How long a slot stands empty when it passes from one holder to a queued thread.
 
-Run ``python benchmarks/handoff.py [--levels 2,3,4,32] [--rounds 3] [--seconds 5]`` (about a
-minute on 2 CPUs).
+Run ``python benchmarks/handoff.py [--levels 2,3,4,32] [--rounds 3] [--seconds 5] [--pin]``
+(about a minute on 2 CPUs, two with ``--pin``).
 
 N threads in a closed loop each hash 8 MiB (hashlib releases the GIL, as a native kernel does)
 inside a slot of a static ``TokenPool(budget)``, one token per request, so at most ``budget``
@@ -10,52 +10,101 @@ run at once and the others queue. The pool's public ``on_exit`` hook stamps each
 before it. From N = budget + 1 up, nearly every grant goes to a thread that was parked in the
 queue, so the gap is what waking it costs: the kernel running it again and the GIL coming back
 to it. Printed per level: the cores the process used (median over rounds), how much of the
-time the slots were held, and the gap's p50, p90 and p99 over all rounds. At N = budget
+time the slots were held, the gap's p50, p90 and p99 over all rounds, and how long the client
+threads stood runnable on a run queue without a CPU, per request (the kernel's own count, from
+``/proc/self/task/<tid>/schedstat``; blank where the kernel does not keep it). At N = budget
 nobody queues; it is the reference.
+
+``--pin`` runs every level a second time with each slot's thread pinned to CPUs of its own while
+it holds the slot (``sched_setaffinity`` in the hooks; one CPU per token), which tells a wake-up
+put on a busy CPU's queue apart from one that is slow for other reasons.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import sys
 import threading
 import time
+from typing import cast
 
 from coordination import parse_levels  # this directory is on sys.path when run as a script
 
 DATA = bytes(8 << 20)
 
 
-def run_cell(budget: int, clients: int, seconds: float) -> tuple[float, float, list[float]]:
-    """(cores used, share of slot time held, hand-off gaps in microseconds)."""
+class Cell:
+    """What one level measured in one round."""
+
+    def __init__(self, cores: float, held: float, gaps: list[float], queued_ms: float | None):
+        self.cores = cores
+        self.held = held  # share of the slots' time they were held
+        self.gaps = gaps  # microseconds from a release to the next grant
+        self.queued_ms = queued_ms  # run-queue wait per request, None where unknown
+
+
+def run_queue_ns() -> int | None:
+    """Nanoseconds this thread has spent runnable but not running, per the kernel."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as stat:
+            return int(stat.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) -> Cell:
     import threadbudget
 
     clock = time.perf_counter
     last_release = [0.0]
     gaps: list[float] = []
     held = [0.0]
+    every_cpu = sorted(os.sched_getaffinity(0)) if pin else []
+    free_cpus = every_cpu[:budget]
+    cpus_lock = threading.Lock()
 
-    def entered(k: int) -> float:
+    def entered(k: int) -> tuple[float, list[int]]:
         now = clock()
         if last_release[0]:
             gaps.append((now - last_release[0]) * 1e6)  # list.append is atomic under the GIL
-        return now
+        mine: list[int] = []
+        if pin:
+            with cpus_lock:
+                mine = [free_cpus.pop() for _ in range(k)]
+            os.sched_setaffinity(0, mine)
+        return now, mine
 
-    def leaving(since: object) -> None:
+    def leaving(restore: object) -> None:
+        since, mine = cast(tuple[float, list[int]], restore)
+        if mine:
+            os.sched_setaffinity(0, every_cpu)
+            with cpus_lock:
+                free_cpus.extend(mine)
         now = clock()
-        assert isinstance(since, float)
         held[0] += now - since
         last_release[0] = now
 
     pool = threadbudget.TokenPool(budget, on_enter=entered, on_exit=leaving)
     deadline = clock() + seconds
+    queued: list[int | None] = []
+    requests = [0]
 
     def client() -> None:
+        queued_before = run_queue_ns()
+        done = 0
         while clock() < deadline:
             with pool.slot():
                 hashlib.sha256(DATA).digest()
+            done += 1
+        queued_after = run_queue_ns()
+        requests[0] += done
+        if queued_before is None or queued_after is None:
+            queued.append(None)
+        else:
+            queued.append(queued_after - queued_before)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     cpu_started, started = time.process_time(), clock()
@@ -65,7 +114,9 @@ def run_cell(budget: int, clients: int, seconds: float) -> tuple[float, float, l
         thread.join()
     elapsed = clock() - started
     cores = (time.process_time() - cpu_started) / elapsed
-    return cores, held[0] / (budget * elapsed), gaps
+    known = [ns for ns in queued if ns is not None]
+    queued_ms = sum(known) / 1e6 / requests[0] if requests[0] and len(known) == clients else None
+    return Cell(cores, held[0] / (budget * elapsed), gaps, queued_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=parse_levels, default=[2, 3, 4, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one cell")
+    parser.add_argument(
+        "--pin", action="store_true", help="also run each level with slots pinned to CPUs"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be >= 1 and --seconds > 0")
@@ -80,27 +134,38 @@ def main(argv: list[str] | None = None) -> int:
     from threadbudget import detect_budget
 
     budget = detect_budget().budget
-    results: dict[int, list[tuple[float, float, list[float]]]] = {n: [] for n in args.levels}
+    if args.pin and len(os.sched_getaffinity(0)) < budget:
+        parser.error(f"--pin needs {budget} CPUs in this process's affinity mask")
+    variants = [
+        (level, pin) for level in args.levels for pin in ([False, True] if args.pin else [False])
+    ]
+    results: dict[tuple[int, bool], list[Cell]] = {variant: [] for variant in variants}
     for round_no in range(args.rounds):
-        for level in args.levels:
-            results[level].append(run_cell(budget, level, args.seconds))
+        for level, pin in variants:
+            results[level, pin].append(run_cell(budget, level, args.seconds, pin=pin))
         print(f"[round {round_no + 1}/{args.rounds}] done", flush=True)
 
     print()
     print(f"budget {budget}; {args.rounds} round(s) of {args.seconds:g} s per level")
-    print("| N | cores used | slots held | hand-offs | gap p50 us | gap p90 us | gap p99 us |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for level, runs in results.items():
-        gaps = sorted(g for _, _, run_gaps in runs for g in run_gaps)
+    print(
+        "| N | pinned | cores used | slots held | hand-offs | gap p50 us | gap p90 us | gap p99 us"
+        " | run-queue wait per request ms |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (level, pin), cells in results.items():
+        pinned = "yes" if pin else "no"
+        gaps = sorted(g for cell in cells for g in cell.gaps)
+        queued = [cell.queued_ms for cell in cells if cell.queued_ms is not None]
+        queued_text = f"{statistics.median(queued):.2f}" if len(queued) == len(cells) else ""
         if not gaps:
-            print(f"| {level} | | | 0 | | | |")
+            print(f"| {level} | {pinned} | | | 0 | | | | {queued_text} |")
             continue
         quantiles = statistics.quantiles(gaps, n=100, method="inclusive") if len(gaps) > 1 else []
         p90, p99 = (quantiles[89], quantiles[98]) if quantiles else (gaps[0], gaps[0])
         print(
-            f"| {level} | {statistics.median(r[0] for r in runs):.2f} | "
-            f"{statistics.median(r[1] for r in runs):.1%} | {len(gaps)} | "
-            f"{statistics.median(gaps):.0f} | {p90:.0f} | {p99:.0f} |"
+            f"| {level} | {pinned} | {statistics.median(c.cores for c in cells):.2f} | "
+            f"{statistics.median(c.held for c in cells):.1%} | {len(gaps)} | "
+            f"{statistics.median(gaps):.0f} | {p90:.0f} | {p99:.0f} | {queued_text} |"
         )
     return 0
 

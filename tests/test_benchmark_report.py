@@ -289,7 +289,7 @@ def test_levels_are_chosen_on_the_command_line_and_reported_as_measured(
 
 
 def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
-    command = [sys.executable, str(BENCHMARKS / "handoff.py"), "--levels", "1,3"]
+    command = [sys.executable, str(BENCHMARKS / "handoff.py"), "--levels", "1,3", "--pin"]
     done = subprocess.run(
         [*command, "--rounds", "1", "--seconds", "0.5"],
         capture_output=True,
@@ -299,14 +299,18 @@ def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
     )
     assert done.returncode == 0, done.stderr
     rows = {
-        cells[0]: cells
+        (cells[0], cells[1]): cells
         for line in done.stdout.splitlines()
         if line.startswith("| ") and (cells := line.strip(" |").split(" | "))[0].isdigit()
     }
-    assert sorted(rows) == ["1", "3"]
+    assert sorted(rows) == [("1", "no"), ("1", "yes"), ("3", "no"), ("3", "yes")]
     for cells in rows.values():
-        _level, cores, held, handoffs, *gaps = cells
+        _level, _pinned, cores, held, handoffs, *gaps, queued_ms = cells
         assert int(handoffs) > 0
         assert 0 < float(held.rstrip("%")) <= 100
         assert float(cores) > 0
         assert len(gaps) == 3
+        # This host is Linux with schedstats, so the kernel's run-queue count must be there.
+        assert float(queued_ms) >= 0
+    # One client never waits for a CPU behind another client; the count is the kernel's.
+    assert float(rows["1", "no"][-1]) < 0.5
