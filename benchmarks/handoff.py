@@ -29,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import cast
 
 from coordination import parse_levels  # this directory is on sys.path when run as a script
@@ -36,14 +37,14 @@ from coordination import parse_levels  # this directory is on sys.path when run 
 DATA = bytes(8 << 20)
 
 
+@dataclass
 class Cell:
     """What one level measured in one round."""
 
-    def __init__(self, cores: float, held: float, gaps: list[float], queued_ms: float | None):
-        self.cores = cores
-        self.held = held  # share of the slots' time they were held
-        self.gaps = gaps  # microseconds from a release to the next grant
-        self.queued_ms = queued_ms  # run-queue wait per request, None where unknown
+    cores: float
+    held: float  # share of the slots' time they were held
+    gaps: list[float]  # microseconds from a release to the next grant
+    queued_ms: float | None  # run-queue wait per request, None where unknown
 
 
 def run_queue_ns() -> int | None:
@@ -89,8 +90,8 @@ def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) ->
 
     pool = threadbudget.TokenPool(budget, on_enter=entered, on_exit=leaving)
     deadline = clock() + seconds
-    queued: list[int | None] = []
-    requests = [0]
+    # One (requests, run-queue ns or None) per client; list.append is atomic, `+=` is not.
+    per_client: list[tuple[int, int | None]] = []
 
     def client() -> None:
         queued_before = run_queue_ns()
@@ -100,11 +101,10 @@ def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) ->
                 hashlib.sha256(DATA).digest()
             done += 1
         queued_after = run_queue_ns()
-        requests[0] += done
         if queued_before is None or queued_after is None:
-            queued.append(None)
+            per_client.append((done, None))
         else:
-            queued.append(queued_after - queued_before)
+            per_client.append((done, queued_after - queued_before))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     cpu_started, started = time.process_time(), clock()
@@ -114,8 +114,9 @@ def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) ->
         thread.join()
     elapsed = clock() - started
     cores = (time.process_time() - cpu_started) / elapsed
-    known = [ns for ns in queued if ns is not None]
-    queued_ms = sum(known) / 1e6 / requests[0] if requests[0] and len(known) == clients else None
+    requests = sum(done for done, _ in per_client)
+    queued = [ns for _, ns in per_client if ns is not None]
+    queued_ms = sum(queued) / 1e6 / requests if requests and len(queued) == clients else None
     return Cell(cores, held[0] / (budget * elapsed), gaps, queued_ms)
 
 
