@@ -13,7 +13,7 @@ import concurrent.futures
 import functools
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar, Token
 from typing import Any, ParamSpec, TypeVar
 
@@ -25,6 +25,7 @@ from anyio.lowlevel import RunVar
 from ._controllers import ThreadSetter, registered_controllers
 from ._detect import CpuBudget
 from ._forksafety import track_for_fork
+from ._pinning import CpuPinning, pinning_cpus
 from ._plan import Plan, make_plan
 from ._slots import DEFAULT_DEMAND_MEMORY, Grant, Policy, TokenPool
 from ._warnings import warn
@@ -53,8 +54,9 @@ class NativeThreadLimits:
     under slots.
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, *, pinning: CpuPinning | None = None) -> None:
         self._budget = budget
+        self._pinning = pinning
         self._lock = threading.Lock()
         self._modules_seen = -1
         self._shared_raised = False
@@ -66,6 +68,10 @@ class NativeThreadLimits:
         # The parent may have forked while resolving; the child resolves again on first use.
         self._lock = threading.Lock()
         self._modules_seen = -1
+
+    @property
+    def pinned_cpus(self) -> tuple[int, ...] | None:
+        return self._pinning.cpus if self._pinning is not None else None
 
     def refresh(self) -> None:
         """Look for newly loaded native libraries now (otherwise done on the next import)."""
@@ -112,6 +118,8 @@ class NativeThreadLimits:
                 # Checked before the call, without the lock: false on nearly every entry.
                 if exclusive != self._shared_raised:
                     self._size_shared_pools(exclusive, threads)
+            if self._pinning is not None and threads == 1:
+                undos.append(self._pinning.pin())
         except BaseException:
             self.exit(undos)  # leave this thread as it was, then let the slot fail
             raise
@@ -167,6 +175,10 @@ class CpuSlots(TokenPool):
     holds tokens: the event loop's thread is shared by every task, so CPU work under an async
     slot belongs in :meth:`run_sync` (or a sync endpoint wrapped by :func:`sized_by_grant`). Pass
     ``native_limits=False`` for a plain token pool.
+
+    ``pin=True`` (or a list of CPU numbers) also pins each thread that holds a one-token grant
+    to a CPU that no other slot of this pool holds, for the duration of the slot; see
+    :mod:`threadbudget._pinning` for why and ``docs/coordination.md#pinning`` for when it pays.
     """
 
     __slots__ = ("_limiter", "_native")
@@ -179,9 +191,14 @@ class CpuSlots(TokenPool):
         threads: int | None = None,
         native_limits: bool = True,
         demand_memory: float = DEFAULT_DEMAND_MEMORY,
+        pin: bool | Iterable[int] = False,
     ) -> None:
         size = _size_of(budget)
-        self._native = NativeThreadLimits(size) if native_limits else None
+        cpus = pinning_cpus(pin, size)
+        if cpus is not None and not native_limits:
+            raise ValueError("pin needs native_limits=True: pinning is applied with the limits")
+        pinning = CpuPinning(cpus) if cpus is not None else None
+        self._native = NativeThreadLimits(size, pinning=pinning) if native_limits else None
         super().__init__(
             size,
             threads=threads,
@@ -198,6 +215,11 @@ class CpuSlots(TokenPool):
     @property
     def native_limits(self) -> NativeThreadLimits | None:
         return self._native
+
+    @property
+    def pinned_cpus(self) -> tuple[int, ...] | None:
+        """The CPUs one-token slots are pinned to (``pin=``), or ``None`` when not pinning."""
+        return self._native.pinned_cpus if self._native is not None else None
 
     def thread_limiter(self) -> anyio.CapacityLimiter:
         """The anyio limiter for this pool's worker threads, one per event loop.
