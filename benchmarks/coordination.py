@@ -94,16 +94,19 @@ class Mode:
     # A second process of a static split (--control), compared with the first as elastic is:
     # what the host alone does to the ratios, since the two differ in nothing else.
     control: bool = False
+    # A slot mode whose one-token slots are pinned to CPUs of their own (CpuSlots(pin=True)).
+    pinned: bool = False
 
     @property
     def is_static(self) -> bool:
         return self.kind == "static"
 
     def label(self, budget: int) -> str:
+        pinned = ", pinned" if self.pinned else ""
         if self.kind == "static":
             copy = " (copy)" if self.control else ""
-            return f"static C={budget // self.threads} T={self.threads}{copy}"
-        return self.kind
+            return f"static C={budget // self.threads} T={self.threads}{pinned}{copy}"
+        return f"{self.kind}{pinned}"
 
 
 def static_grid(budget: int) -> list[int]:
@@ -117,22 +120,33 @@ def static_grid(budget: int) -> list[int]:
 
 
 COPY_SUFFIX = "-copy"
+PIN_SUFFIX = "+pin"
 
 
-def all_modes(budget: int, control: bool = False) -> list[Mode]:
+def all_modes(budget: int, control: bool = False, pin: bool = False) -> list[Mode]:
+    """Every mode of a run; with *pin* every slot mode (static and elastic) pins its slots."""
     grid = static_grid(budget)
-    statics = [Mode(f"static-{t}", "static", t) for t in grid]
-    copies = [Mode(f"static-{t}{COPY_SUFFIX}", "static", t, control=True) for t in grid]
+    pinned = PIN_SUFFIX if pin else ""
+    statics = [Mode(f"static-{t}{pinned}", "static", t, pinned=pin) for t in grid]
+    copies = [
+        Mode(f"static-{t}{COPY_SUFFIX}{pinned}", "static", t, control=True, pinned=pin)
+        for t in grid
+    ]
     return [
         Mode("default", "default"),
         Mode("omp1", "omp1"),
         *statics,
-        Mode("elastic", "elastic"),
+        Mode(f"elastic{pinned}", "elastic", pinned=pin),
         *(copies if control else []),
     ]
 
 
 def mode_from_key(key: str) -> Mode:
+    if key.endswith(PIN_SUFFIX):
+        unpinned = mode_from_key(key.removesuffix(PIN_SUFFIX))
+        if unpinned.kind not in ("static", "elastic"):
+            raise ValueError(f"only slot modes can be pinned, got {key!r}")
+        return dataclasses.replace(unpinned, key=key, pinned=True)
     if key.startswith("static-") and key.endswith(COPY_SUFFIX):
         return dataclasses.replace(
             mode_from_key(key.removesuffix(COPY_SUFFIX)), key=key, control=True
@@ -435,9 +449,11 @@ def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes) -> int:
         concurrency = budget // mode.threads if mode.kind == "static" else budget
         threadbudget.apply_plan(threadbudget.make_plan(budget, concurrency=concurrency))
         if mode.kind == "static":
-            pool = threadbudget.CpuSlots(budget, policy="static", threads=mode.threads)
+            pool = threadbudget.CpuSlots(
+                budget, policy="static", threads=mode.threads, pin=mode.pinned
+            )
         else:
-            pool = threadbudget.CpuSlots(budget)
+            pool = threadbudget.CpuSlots(budget, pin=mode.pinned)
     loaded_at = time.perf_counter()
     request = load_workload(workload)
     load_s = time.perf_counter() - loaded_at
@@ -523,6 +539,9 @@ def overhead_main(variant: str, budget: int, sizes: Sizes) -> int:
         "CpuSlots elastic (grant = whole budget)": CpuSlots(budget),
         "CpuSlots static (grant = 1)": CpuSlots(budget, policy="static"),
     }
+    if len(os.sched_getaffinity(0)) == budget:
+        # What pin=True adds on entry and exit: two affinity calls and a CPU taken and returned.
+        pools["CpuSlots static (grant = 1), pinned"] = CpuSlots(budget, policy="static", pin=True)
     n_sync, n_async, repeats = sizes.overhead_sync_n, sizes.overhead_async_n, sizes.overhead_repeats
 
     def bare_loop() -> float:
@@ -778,7 +797,14 @@ def orchestrate(args: argparse.Namespace) -> int:
     from threadbudget import detect_budget
 
     budget = args.budget or detect_budget().budget
-    modes = all_modes(budget, control=args.control)
+    if args.pin and len(os.sched_getaffinity(0)) != budget:
+        print(
+            f"--pin needs this process's affinity mask to hold exactly the budget's {budget} "
+            f"CPUs; it holds {len(os.sched_getaffinity(0))}",
+            file=sys.stderr,
+        )
+        return 2
+    modes = all_modes(budget, control=args.control, pin=args.pin)
     machine = machine_info(budget)
     machine["loadavg_before"] = load_before
     print_machine(machine, sizes, modes, args.levels)
@@ -973,11 +999,14 @@ def compare(
     index = {(s["workload"], s["mode"], s["concurrency"]): s for s in summaries}
     statics = [m for m in modes if m.is_static and not m.control]
     others = [m for m in modes if m.kind != "elastic" and not m.control]
+    elastic_key = next(m.key for m in modes if m.kind == "elastic")
+    copy_of = {dataclasses.replace(m, key="", control=False): m.key for m in modes if m.control}
+    by_key = {m.key: m for m in modes}
     verdicts: list[Json] = []
     levels = sorted({s["concurrency"] for s in summaries})
     for workload in workloads:
         for level in levels:
-            elastic = index.get((workload, "elastic", level))
+            elastic = index.get((workload, elastic_key, level))
             candidates = [index[k] for m in statics if (k := (workload, m.key, level)) in index]
             everyone = [index[k] for m in others if (k := (workload, m.key, level)) in index]
             if elastic is None or not candidates:
@@ -986,7 +1015,8 @@ def compare(
             best_any = max(everyone, key=lambda s: s["throughput"])
             thr_ratio = elastic["throughput"] / best["throughput"]
             p99_ratio = elastic["p99_ms"] / best["p99_ms"]
-            control = index.get((workload, best["mode"] + COPY_SUFFIX, level))
+            copy_key = copy_of.get(dataclasses.replace(by_key[best["mode"]], key=""))
+            control = index.get((workload, copy_key, level)) if copy_key else None
             verdicts.append(
                 {
                     "workload": workload,
@@ -1171,7 +1201,7 @@ def render_markdown(report: Json) -> str:
                 continue
             ratio = s["wait_ratio"]
             pooled = s["wait_p99_ms"] / s["wait_p50_ms"] if s["wait_p50_ms"] > 0 else float("nan")
-            mark = f" {_mark(ratio <= 1.5)}" if s["mode"] == "elastic" else ""
+            mark = f" {_mark(ratio <= 1.5)}" if mode_from_key(s["mode"]).kind == "elastic" else ""
             runs = ", ".join(_f(r, 2) for r in s["wait_ratio_runs"])
             add(
                 f"| {s['concurrency']} | {s['label']} | {_f(s['wait_p50_ms'])} | "
@@ -1306,6 +1336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also run a second process of every static split, compared with the first as "
         "elastic is: the noise floor of the ratios on this host",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the one-token slots of every slot mode (static and elastic) to CPUs of their "
+        "own: CpuSlots(pin=True); needs an affinity mask of exactly the budget's CPUs",
     )
     parser.add_argument(
         "--report",

@@ -166,6 +166,34 @@ def test_control_copies_are_compared_with_their_split_and_never_chosen_as_best()
     assert "control_throughput_ratio" not in plain
 
 
+def test_pinned_run_pins_every_slot_mode_and_compares_pinned_with_pinned() -> None:
+    bench = load_benchmark()
+    modes = bench.all_modes(2, control=True, pin=True)
+    assert [(m.key, m.pinned) for m in modes] == [
+        ("default", False),
+        ("omp1", False),
+        ("static-1+pin", True),
+        ("static-2+pin", True),
+        ("elastic+pin", True),
+        ("static-1-copy+pin", True),
+        ("static-2-copy+pin", True),
+    ]
+    assert all(bench.mode_from_key(m.key) == m for m in modes)
+    assert modes[5].label(2) == "static C=2 T=1, pinned (copy)"
+    with pytest.raises(ValueError, match="only slot modes can be pinned"):
+        bench.mode_from_key("omp1+pin")
+
+    summaries = [
+        summary("static-1+pin", "static C=2 T=1, pinned", 4, [100, 120, 110], [40.0, 50.0]),
+        summary("elastic+pin", "elastic, pinned", 4, [99, 121, 100], [44.0, 55.0]),
+        summary("static-1-copy+pin", "static C=2 T=1, pinned (copy)", 4, [90, 90, 99], [45, 45]),
+    ]
+    (verdict,) = bench.compare(summaries, modes, 2, ["numpy"])
+    assert verdict["best_static"] == "static C=2 T=1, pinned"
+    assert verdict["throughput_ratio"] == pytest.approx(100 / 110)
+    assert verdict["control_throughput_ratio"] == pytest.approx(90 / 110)
+
+
 def test_report_of_a_control_run_counts_the_misses_of_elastic_and_of_the_copy(
     tmp_path: Path,
 ) -> None:
