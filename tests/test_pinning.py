@@ -291,3 +291,40 @@ def test_many_threads_never_share_a_pinned_cpu() -> None:
         for future in [pool.submit(work) for _ in range(6)]:
             future.result(JOIN * 3)
     assert clashes == []
+
+
+def test_a_thread_started_inside_a_pinned_slot_inherits_the_pin() -> None:
+    # Documented caveat (docs/coordination.md#pinning): Linux copies the mask to a new thread,
+    # and the pool cannot unpin a thread it did not pin.
+    slots = CpuSlots(2, policy="static", pin=MASK[:2])
+    seen: dict[str, list[int]] = {}
+
+    def child() -> None:
+        seen["child"] = affinity()
+
+    with slots.slot():
+        seen["slot"] = affinity()
+        thread = threading.Thread(target=child)
+        thread.start()
+        thread.join(JOIN)
+    assert len(seen["slot"]) == 1
+    assert seen["child"] == seen["slot"]
+
+
+def test_run_sync_pins_the_worker_thread_and_async_slots_pin_nothing() -> None:
+    import anyio
+
+    slots = CpuSlots(2, policy="static", pin=MASK[:2])
+
+    async def main() -> tuple[list[int], list[int], list[int]]:
+        async with slots.async_slot():
+            in_the_loop = affinity()  # the event loop's thread is shared: never pinned
+        worker = await slots.run_sync(affinity)
+        after = await anyio.to_thread.run_sync(affinity, limiter=slots.thread_limiter())
+        return in_the_loop, worker, after
+
+    in_the_loop, worker, after = anyio.run(main)
+    assert in_the_loop == MASK
+    assert len(worker) == 1
+    assert worker[0] in MASK[:2]
+    assert after == MASK  # the same worker threads, their mask given back
