@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import queue
+import random
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # Worker output lines start with this, so prints from libraries cannot be mistaken for results.
 MARK = "@@coordination "
@@ -77,6 +78,7 @@ QUIET_CORES = 0.1
 QUIET_WAIT_S = 3.0
 
 Json = dict[str, Any]
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,9 +311,8 @@ def wait_until_quiet(pids: Sequence[int]) -> float:
     """Wait until the processes *pids* use no CPU (at most QUIET_WAIT_S); seconds waited.
 
     After its last request a native pool keeps spinning on a CPU: OpenBLAS's threads for 2^28
-    cycles by default (~0.1 s), libgomp's for some milliseconds. The cells of one level run
-    one mode after another in the same cyclic order, so without this wait one mode would always
-    start its cell beside the spinning pool of the same predecessor. ``quiet_start.py``
+    cycles by default (~0.1 s), libgomp's for some milliseconds; without this wait a mode
+    would start its cell beside its predecessor's spinning pool. ``quiet_start.py``
     measures it: elastic's lone numpy requests right after the C=1 T=2 split had a median p99
     1.07-1.28x that after this wait (four runs).
     """
@@ -773,6 +774,11 @@ class Cell:
             "cores_used": statistics.median(run["cores_used"] for run in self.runs),
             "other_cores": statistics.median(run["other_cores"] for run in self.runs),
             "other_cores_max": max(run["other_cores"] for run in self.runs),
+            # Of those, what the other modes' worker processes used (saved runs before: None).
+            "sibling_cores_max": max(
+                (run["sibling_cores"] for run in self.runs if "sibling_cores" in run),
+                default=None,
+            ),
             # How much slower than the fastest probe the machine was when each run started.
             "probe_slowdown_max": max(run.get("probe_slowdown", 1.0) for run in self.runs),
             "grants_by_size": grants,
@@ -783,6 +789,18 @@ def _spread(values_us: Sequence[float]) -> float:
     """p99 / p50 of one run's waits or service times (nan when the median is 0: none)."""
     p50 = percentile(values_us, 50)
     return percentile(values_us, 99) / p50 if p50 > 0 else float("nan")
+
+
+def cell_order(workers: Sequence[T], workload: str, round_no: int, level: int) -> list[T]:
+    """The order in which the modes take one cell: shuffled, seeded by the cell.
+
+    A rotation keeps one cyclic order, so each mode would always run right after the same
+    predecessor and carry whatever that mode leaves behind (a pool still spinning, the pages
+    it touched): measured, elastic's lone requests ran 0.88x the split's right after the C=1
+    T=2 split and 1.20x in the one round that had another predecessor. Shuffling gives every
+    mode every predecessor over the rounds; the seed makes a run's order reproducible.
+    """
+    return random.Random(f"{workload}/{round_no}/{level}").sample(list(workers), len(workers))
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -809,7 +827,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     machine["loadavg_before"] = load_before
     print_machine(machine, sizes, modes, args.levels)
 
-    # One live worker per mode, asked for the same cell in turn (the order rotated from cell to
+    # One live worker per mode, asked for the same cell in turn (the order shuffled from cell to
     # cell): drift of a shared machine, which comes and goes within seconds, then lands on
     # every mode alike instead of on whichever mode's process ran during it.
     raw: list[Json] = []
@@ -822,20 +840,27 @@ def orchestrate(args: argparse.Namespace) -> int:
         pool = [Worker(workload, mode, budget, args.quick) for mode in modes]
         try:
             live = [w for w in pool if _ready(w.next_record(300 + cell_timeout))]
-            turn = 0
             for round_no in range(sizes.rounds):
                 for level in args.levels:
                     line = []
                     settles = [0.0]
-                    for worker in live[turn % len(live) :] + live[: turn % len(live)]:
+                    for worker in cell_order(live, workload, round_no, level):
                         settled = wait_until_quiet([w.process.pid for w in live])
                         settles.append(settled)
                         probe, waited = wait_for_capacity(reference)
+                        # The other modes' processes should sleep through this cell: CPU they
+                        # use meanwhile (a pool spinning on) is told apart from other tenants.
+                        siblings = [w.process.pid for w in live if w is not worker]
+                        siblings_before = processes_cpu_seconds(siblings)
+                        asked_at = time.perf_counter()
                         cell = worker.ask(f"cell {level} {round_no}", cell_timeout)
+                        asked_s = time.perf_counter() - asked_at
                         if cell is None or cell.get("kind") != "cell":
                             continue
                         reference = min(reference, probe)
                         cell.update(
+                            sibling_cores=(processes_cpu_seconds(siblings) - siblings_before)
+                            / asked_s,
                             settle_s=settled,
                             probe_s=probe,
                             probe_waited_s=waited,
@@ -844,7 +869,6 @@ def orchestrate(args: argparse.Namespace) -> int:
                         )
                         raw.append(cell)
                         line.append(f"{worker.mode.label(budget)}:{cell['throughput']:.1f}/s")
-                    turn += 1
                     print(
                         f"[round {round_no + 1}/{sizes.rounds}] {workload:6} N={level:<3} "
                         + "  ".join(line)
@@ -884,6 +908,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "wall_s": wall_s,
         "quick": args.quick,
         "control": args.control,
+        "order": "shuffled",
         "machine": machine,
         "sizes": sizes.__dict__,
         "levels": list(args.levels),
@@ -1105,14 +1130,15 @@ def render_markdown(report: Json) -> str:
     sizes = report["sizes"]
     add(
         f"{sizes['rounds']} round(s); one live process per mode, each asked for the same cell "
-        f"in turn, the order rotated from cell to cell; cap "
+        f"in turn, {_order_phrase(report)}; cap "
         f"{sizes['cell_cap_s']:.0f} s per cell; each run of a cell begins with one unmeasured "
         f"warm-up round (N requests). Throughput: median of per-run throughputs "
         f"[min-max]. p50/p99: over the pooled latencies of all runs (issue to completion, "
         f"slot wait included). Wait: time spent waiting for the slot. Run: time inside "
         f"the slot (the work itself). Cores used: this process's CPU time / elapsed (median "
         f"of runs). Others' cores: CPU the rest of the machine used meanwhile (other tenants: "
-        f"noise), median and max of runs; 'disturbed' marks a comparison where it was >= "
+        f"noise), median and max of runs, and of that the most the other modes' idle workers "
+        f"used during one run, where recorded; 'disturbed' marks a comparison where it was >= "
         f"{NOISY_CORES} cores for elastic or the best static, or where a run of either started "
         f"while the capacity probe ran more than {PROBE_SLOWDOWN}x slower than its best (a host "
         f"that takes a virtual CPU away shows no other process's CPU time). Each cell waits up "
@@ -1139,7 +1165,8 @@ def render_markdown(report: Json) -> str:
                 f"{_f(s['throughput_min'])}-{_f(s['throughput_max'])} | {_f(s['p50_ms'])} | "
                 f"{_f(s['p99_ms'])} | {_f(s['wait_p50_ms'])} | {_f(s['wait_p99_ms'])} | "
                 f"{_f(s['service_p50_ms'])} | {_f(s['cores_used'], 2)} | "
-                f"{_f(s['other_cores'], 2)} (max {_f(s['other_cores_max'], 2)}) | {grants} |"
+                f"{_f(s['other_cores'], 2)} (max {_f(s['other_cores_max'], 2)}"
+                f"{_siblings(s)}) | {grants} |"
             )
         add("")
         add(f"### {workload}: elastic against the best static (C, T)")
@@ -1229,6 +1256,17 @@ def render_markdown(report: Json) -> str:
             add(f"| {name} | {r['pool']} | {_f(r['sync_us'], 2)} | {_f(r['async_us'], 2)} |")
     add("")
     return "\n".join(lines)
+
+
+def _order_phrase(report: Json) -> str:
+    if report.get("order") == "shuffled":
+        return "the order shuffled from cell to cell (seeded by the cell)"
+    return "the order rotated from cell to cell (one cyclic order: a fixed predecessor)"
+
+
+def _siblings(summary: Json) -> str:
+    value = summary.get("sibling_cores_max")
+    return "" if value is None else f"; other modes' workers max {_f(value, 2)}"
 
 
 def _settle_sentence(cells: list[Json]) -> str:

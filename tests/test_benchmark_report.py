@@ -270,6 +270,43 @@ def test_report_says_whether_cells_waited_for_quiet_workers(tmp_path: Path) -> N
     assert "median 150 ms, max 250 ms" in markdown
 
 
+def test_modes_take_each_cell_in_a_seeded_shuffled_order_that_varies_the_predecessor() -> None:
+    bench = load_benchmark()
+    modes = [m.key for m in bench.all_modes(2, control=True, pin=True)]
+    orders = [bench.cell_order(modes, "numpy", r, level) for r in range(10) for level in (1, 32)]
+    for order in orders:
+        assert sorted(order) == sorted(modes)
+    assert bench.cell_order(modes, "numpy", 3, 1) == bench.cell_order(modes, "numpy", 3, 1)
+    elastic = "elastic+pin"
+    predecessors = {order[order.index(elastic) - 1] for order in orders if order[0] != elastic}
+    # A rotation gave elastic one predecessor in every cell; the shuffle gives it several.
+    assert len(predecessors) >= 4, predecessors
+
+
+def test_report_names_the_cell_order_and_what_idle_workers_used(tmp_path: Path) -> None:
+    saved = tmp_path / SAVED_RUN.name
+    report = json.loads(SAVED_RUN.read_text())
+    saved.write_text(json.dumps(report))
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+    markdown = saved.with_suffix(".md").read_text()
+    assert "one cyclic order: a fixed predecessor" in markdown
+    assert "other modes' workers max" not in markdown
+
+    report["order"] = "shuffled"
+    for index, cell in enumerate(report["raw_cells"]):
+        cell["sibling_cores"] = 0.5 if index == 0 else 0.01
+    first = report["raw_cells"][0]
+    saved.write_text(json.dumps(report))
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+    markdown = saved.with_suffix(".md").read_text()
+    assert "the order shuffled from cell to cell" in markdown
+    assert any(
+        line.startswith(f"| {first['concurrency']} | ") and "other modes' workers max 0.50" in line
+        for line in markdown.splitlines()
+    )
+    assert markdown.count("other modes' workers max 0.01") >= 5
+
+
 def test_quiet_start_compares_a_cell_right_after_a_spinning_pool_with_one_after_the_wait() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "quiet_start.py"), "--rounds", "1", "--quick"],
