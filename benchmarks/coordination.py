@@ -327,18 +327,21 @@ def wait_until_quiet(pids: Sequence[int]) -> float:
         used = now
 
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds every process on the machine has used so far (``/proc/stat``; 0 elsewhere).
+def busy_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy so far, and of those, stolen (``/proc/stat``;
+    zeros elsewhere).
 
-    Steal is counted as busy: on a virtual machine it is CPU another guest took from us.
+    Steal is counted as busy: on a virtual machine it is CPU another guest took from us while
+    one of our virtual CPUs wanted to run.
     """
     try:
         with open("/proc/stat") as stat:
             fields = [int(v) for v in stat.readline().split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / ticks, steal / ticks
 
 
 def run_cell(
@@ -393,7 +396,7 @@ def run_cell(
     barrier.wait()
     start = clock()
     cpu_start = time.process_time()
-    busy_start = busy_cpu_seconds()
+    busy_start, steal_start = busy_cpu_seconds()
     for thread in threads:
         thread.join()
     # CPU seconds of every thread of this process: divided by the elapsed time it says how many
@@ -401,7 +404,8 @@ def run_cell(
     # shared machine took the rest (or the mode left cores idle); above it cannot happen.
     cpu_s = time.process_time() - cpu_start
     # The rest of the machine's busy time went to other tenants: the noise this cell suffered.
-    others_s = max(0.0, busy_cpu_seconds() - busy_start - cpu_s)
+    busy_end, steal_end = busy_cpu_seconds()
+    others_s = max(0.0, busy_end - busy_start - cpu_s)
     wall_s = clock() - start
     if errors:
         raise errors[0]
@@ -422,6 +426,8 @@ def run_cell(
         "elapsed_s": end - warm_up_end,
         "cores_used": cpu_s / wall_s,
         "other_cores": others_s / wall_s,
+        # Of the others' cores, what the hypervisor gave to other guests.
+        "steal_cores": (steal_end - steal_start) / wall_s,
         "throughput": completed / (end - warm_up_end),
         # Microseconds as ints keep the raw JSON small and are far finer than the noise.
         "latencies_us": [round((done - issue) * 1e6) for issue, _, done in records],
@@ -774,6 +780,9 @@ class Cell:
             "cores_used": statistics.median(run["cores_used"] for run in self.runs),
             "other_cores": statistics.median(run["other_cores"] for run in self.runs),
             "other_cores_max": max(run["other_cores"] for run in self.runs),
+            "steal_cores_max": max(
+                (run["steal_cores"] for run in self.runs if "steal_cores" in run), default=None
+            ),
             # Of those, what the other modes' worker processes used (saved runs before: None).
             "sibling_cores_max": max(
                 (run["sibling_cores"] for run in self.runs if "sibling_cores" in run),
@@ -795,10 +804,9 @@ def cell_order(workers: Sequence[T], workload: str, round_no: int, level: int) -
     """The order in which the modes take one cell: shuffled, seeded by the cell.
 
     A rotation keeps one cyclic order, so each mode would always run right after the same
-    predecessor and carry whatever that mode leaves behind (a pool still spinning, the pages
-    it touched): measured, elastic's lone requests ran 0.88x the split's right after the C=1
-    T=2 split and 1.20x in the one round that had another predecessor. Shuffling gives every
-    mode every predecessor over the rounds; the seed makes a run's order reproducible.
+    predecessor and carry whatever that mode leaves behind (a pool still spinning, caches it
+    evicted) as a bias of its own. Shuffling gives every mode every predecessor over the
+    rounds; the seed makes a run's order reproducible.
     """
     return random.Random(f"{workload}/{round_no}/{level}").sample(list(workers), len(workers))
 
@@ -1137,8 +1145,9 @@ def render_markdown(report: Json) -> str:
         f"slot wait included). Wait: time spent waiting for the slot. Run: time inside "
         f"the slot (the work itself). Cores used: this process's CPU time / elapsed (median "
         f"of runs). Others' cores: CPU the rest of the machine used meanwhile (other tenants: "
-        f"noise), median and max of runs, and of that the most the other modes' idle workers "
-        f"used during one run, where recorded; 'disturbed' marks a comparison where it was >= "
+        f"noise), median and max of runs, and of that the most stolen by the hypervisor and "
+        f"the most the other modes' idle workers used during one run, where recorded; "
+        f"'disturbed' marks a comparison where it was >= "
         f"{NOISY_CORES} cores for elastic or the best static, or where a run of either started "
         f"while the capacity probe ran more than {PROBE_SLOWDOWN}x slower than its best (a host "
         f"that takes a virtual CPU away shows no other process's CPU time). Each cell waits up "
@@ -1265,8 +1274,12 @@ def _order_phrase(report: Json) -> str:
 
 
 def _siblings(summary: Json) -> str:
-    value = summary.get("sibling_cores_max")
-    return "" if value is None else f"; other modes' workers max {_f(value, 2)}"
+    """Where the others' cores went, as far as a saved run recorded it."""
+    sources = (("steal_cores_max", "steal"), ("sibling_cores_max", "other modes' workers"))
+    parts = [
+        f"{name} max {_f(summary[key], 2)}" for key, name in sources if summary.get(key) is not None
+    ]
+    return "".join(f"; {part}" for part in parts)
 
 
 def _settle_sentence(cells: list[Json]) -> str:

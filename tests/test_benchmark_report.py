@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -295,6 +297,7 @@ def test_report_names_the_cell_order_and_what_idle_workers_used(tmp_path: Path) 
     report["order"] = "shuffled"
     for index, cell in enumerate(report["raw_cells"]):
         cell["sibling_cores"] = 0.5 if index == 0 else 0.01
+        cell["steal_cores"] = 0.25
     first = report["raw_cells"][0]
     saved.write_text(json.dumps(report))
     assert load_benchmark().main(["--report", str(saved)]) == 0
@@ -305,6 +308,20 @@ def test_report_names_the_cell_order_and_what_idle_workers_used(tmp_path: Path) 
         for line in markdown.splitlines()
     )
     assert markdown.count("other modes' workers max 0.01") >= 5
+    assert "steal max 0.25; other modes' workers max" in markdown
+
+
+def test_a_cell_says_how_many_cores_it_got_and_what_the_machine_lost_to_others() -> None:
+    bench = load_benchmark()
+    cell = bench.run_cell(lambda: sum(range(20_000)), contextlib.nullcontext, 2, 20, 10.0)
+    assert cell["requests"] >= 20
+    assert 0.0 < cell["cores_used"] <= 2.5
+    assert cell["other_cores"] >= 0.0
+    # Stolen time is a part of the others' busy time, never more than the machine's CPUs.
+    assert 0.0 <= cell["steal_cores"] <= os.cpu_count()
+    busy, steal = bench.busy_cpu_seconds()
+    assert busy >= steal >= 0.0
+    assert busy > 0.0
 
 
 def test_quiet_start_compares_a_cell_right_after_a_spinning_pool_with_one_after_the_wait() -> None:
