@@ -8,9 +8,7 @@ threads it pinned are back on the mask they started with.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
-import subprocess
 import threading
 import warnings
 from typing import Any
@@ -20,7 +18,7 @@ import pytest
 from threadbudget import CpuSlots, ThreadBudgetWarning
 from threadbudget._pinning import CpuPinning, pinning_cpus
 
-from .conftest import PYTHON, python_env
+from .conftest import run_json_probe
 
 JOIN = 10.0
 MASK = sorted(os.sched_getaffinity(0))
@@ -255,16 +253,7 @@ print(json.dumps({"parent_inside": parent_free, "parent_after": pinning.free_cpu
 
 
 def test_a_child_forked_inside_a_pinned_slot_has_every_cpu_free() -> None:
-    result = subprocess.run(
-        [PYTHON, "-c", FORK_WHILE_PINNED],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=python_env(),
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_json_probe(FORK_WHILE_PINNED, timeout=120)
     assert out["parent_inside"] == 1
     assert out["parent_after"] == 2
     assert out["child"] == {"inside": 2, "after": 2, "nested": 1, "final": 2}
