@@ -21,6 +21,8 @@ Modes, each in a fresh subprocess because native pools read their environment wh
   request gets the whole budget, grants shrink to one thread as load rises;
 * with ``--control``, a second process of every static split: compared with the first by the
   same criteria as elastic, it shows how far the host alone moves those ratios.
+* with ``--active-elastic``, elastic again with the plan's wait policy ``active``: the native
+  pools spin after their work as the libraries' defaults say, beside elastic's passive plan.
 
 The parent process (this file without ``--worker``) only orchestrates: it never loads numpy or
 torch, so its own threads cannot disturb the measurement.
@@ -48,7 +50,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 # Worker output lines start with this, so prints from libraries cannot be mistaken for results.
 MARK = "@@coordination "
@@ -56,6 +58,13 @@ LEVELS: tuple[int, ...] = (1, 2, 4, 10, 32)
 WORKLOADS: tuple[str, ...] = ("numpy", "minilm")
 # What omp1 sets; every other mode starts with these (and their relatives) absent.
 OMP1_VARS: tuple[str, ...] = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# What a passive plan sets and an active one leaves to the libraries: each worker reports them.
+WAIT_VARS: tuple[str, ...] = (
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "KMP_BLOCKTIME",
+    "OPENBLAS_THREAD_TIMEOUT",
+)
 MATMUL_SIZE = 256
 MATMULS_PER_REQUEST = 20
 SENTENCES_PER_REQUEST = 32
@@ -98,17 +107,27 @@ class Mode:
     control: bool = False
     # A slot mode whose one-token slots are pinned to CPUs of their own (CpuSlots(pin=True)).
     pinned: bool = False
+    # The plan's wait policy (make_plan(wait_policy=...)): "auto" waits passively whenever
+    # more than one request may run at once, as every slot mode deploys it; "active" is the
+    # --active-elastic variant, whose native pools spin as the libraries' defaults say.
+    wait: Literal["auto", "active"] = "auto"
 
     @property
     def is_static(self) -> bool:
         return self.kind == "static"
+
+    @property
+    def is_elastic(self) -> bool:
+        """The elastic mode that is judged against the splits (not its --active-elastic twin)."""
+        return self.kind == "elastic" and self.wait == "auto"
 
     def label(self, budget: int) -> str:
         pinned = ", pinned" if self.pinned else ""
         if self.kind == "static":
             copy = " (copy)" if self.control else ""
             return f"static C={budget // self.threads} T={self.threads}{pinned}{copy}"
-        return f"{self.kind}{pinned}"
+        active = ", active wait" if self.wait == "active" else ""
+        return f"{self.kind}{active}{pinned}"
 
 
 def static_grid(budget: int) -> list[int]:
@@ -123,10 +142,17 @@ def static_grid(budget: int) -> list[int]:
 
 COPY_SUFFIX = "-copy"
 PIN_SUFFIX = "+pin"
+ACTIVE_SUFFIX = "+active"
 
 
-def all_modes(budget: int, control: bool = False, pin: bool = False) -> list[Mode]:
-    """Every mode of a run; with *pin* every slot mode (static and elastic) pins its slots."""
+def all_modes(
+    budget: int, control: bool = False, pin: bool = False, active_elastic: bool = False
+) -> list[Mode]:
+    """Every mode of a run; with *pin* every slot mode (static and elastic) pins its slots.
+
+    *active_elastic* adds elastic planned with ``wait_policy="active"``: the same slots, with
+    the native pools left to spin as their libraries' defaults say instead of the passive plan.
+    """
     grid = static_grid(budget)
     pinned = PIN_SUFFIX if pin else ""
     statics = [Mode(f"static-{t}{pinned}", "static", t, pinned=pin) for t in grid]
@@ -139,6 +165,11 @@ def all_modes(budget: int, control: bool = False, pin: bool = False) -> list[Mod
         Mode("omp1", "omp1"),
         *statics,
         Mode(f"elastic{pinned}", "elastic", pinned=pin),
+        *(
+            [Mode(f"elastic{ACTIVE_SUFFIX}{pinned}", "elastic", pinned=pin, wait="active")]
+            if active_elastic
+            else []
+        ),
         *(copies if control else []),
     ]
 
@@ -149,6 +180,8 @@ def mode_from_key(key: str) -> Mode:
         if unpinned.kind not in ("static", "elastic"):
             raise ValueError(f"only slot modes can be pinned, got {key!r}")
         return dataclasses.replace(unpinned, key=key, pinned=True)
+    if key == f"elastic{ACTIVE_SUFFIX}":
+        return Mode(key, "elastic", wait="active")
     if key.startswith("static-") and key.endswith(COPY_SUFFIX):
         return dataclasses.replace(
             mode_from_key(key.removesuffix(COPY_SUFFIX)), key=key, control=True
@@ -454,7 +487,9 @@ def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes) -> int:
         # start at T threads and wait passively when C > 1. Elastic slots run up to the budget
         # at once and raise a lone request's threads at run time.
         concurrency = budget // mode.threads if mode.kind == "static" else budget
-        threadbudget.apply_plan(threadbudget.make_plan(budget, concurrency=concurrency))
+        threadbudget.apply_plan(
+            threadbudget.make_plan(budget, concurrency=concurrency, wait_policy=mode.wait)
+        )
         if mode.kind == "static":
             pool = threadbudget.CpuSlots(
                 budget, policy="static", threads=mode.threads, pin=mode.pinned
@@ -503,7 +538,8 @@ def worker_main(workload: str, mode_key: str, budget: int, sizes: Sizes) -> int:
 
 def _native_info(load_s: float) -> Json:
     """Versions and native pool sizes as the worker ended (read after measuring, so harmless)."""
-    info: Json = {"load_s": load_s, "env": {v: os.environ.get(v) for v in OMP1_VARS}}
+    env_vars = (*OMP1_VARS, *WAIT_VARS)
+    info: Json = {"load_s": load_s, "env": {v: os.environ.get(v) for v in env_vars}}
     if "numpy" in sys.modules:
         info["numpy"] = sys.modules["numpy"].__version__
     if "torch" in sys.modules:
@@ -830,7 +866,9 @@ def orchestrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    modes = all_modes(budget, control=args.control, pin=args.pin)
+    modes = all_modes(
+        budget, control=args.control, pin=args.pin, active_elastic=args.active_elastic
+    )
     machine = machine_info(budget)
     machine["loadavg_before"] = load_before
     print_machine(machine, sizes, modes, args.levels)
@@ -933,6 +971,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         "raw_cells": raw,
     }
     stem = f"coordination-{started_at:%Y-%m-%d}" + ("-quick" if args.quick else "")
+    stem += "-pinned" if args.pin else ""
+    stem += "-active" if args.active_elastic else ""
     stem += "-control" if args.control else ""
     if tuple(args.levels) != LEVELS:
         stem += "-n" + "-".join(map(str, args.levels))
@@ -1032,7 +1072,8 @@ def compare(
     index = {(s["workload"], s["mode"], s["concurrency"]): s for s in summaries}
     statics = [m for m in modes if m.is_static and not m.control]
     others = [m for m in modes if m.kind != "elastic" and not m.control]
-    elastic_key = next(m.key for m in modes if m.kind == "elastic")
+    elastic_key = next(m.key for m in modes if m.is_elastic)
+    active_key = next((m.key for m in modes if m.kind == "elastic" and m.wait == "active"), None)
     copy_of = {dataclasses.replace(m, key="", control=False): m.key for m in modes if m.control}
     by_key = {m.key: m for m in modes}
     verdicts: list[Json] = []
@@ -1050,6 +1091,7 @@ def compare(
             p99_ratio = elastic["p99_ms"] / best["p99_ms"]
             copy_key = copy_of.get(dataclasses.replace(by_key[best["mode"]], key=""))
             control = index.get((workload, copy_key, level)) if copy_key else None
+            active = index.get((workload, active_key, level)) if active_key else None
             verdicts.append(
                 {
                     "workload": workload,
@@ -1077,7 +1119,8 @@ def compare(
                     # The same for p99: one slow round sets a pooled p99 by itself, so the
                     # median of the paired per-round ratios says what the rounds agree on.
                     "p99_round_ratios": _round_ratios(elastic, best, "p99_ms_by_round"),
-                    **({} if control is None else _control_verdict(control, best)),
+                    **({} if control is None else _verdict_against(control, best, "control_")),
+                    **({} if active is None else _verdict_against(active, best, "active_")),
                 }
             )
     return verdicts
@@ -1090,22 +1133,23 @@ def _round_ratios(mode: Json, best: Json, key: str = "throughput_by_round") -> l
     return [ours[r] / theirs[r] for r in sorted(ours, key=int) if r in theirs]
 
 
-def _control_verdict(control: Json, best: Json) -> Json:
-    """The best static split's second process against the first, by elastic's criteria.
+def _verdict_against(candidate: Json, best: Json, prefix: str) -> Json:
+    """Another mode against the best static split by elastic's criteria, keys under *prefix*.
 
-    The two run the same configuration, so whatever separates them is the host (and the luck
-    of each process's placement): a target that the copy misses as well says no more about
-    elastic than about the noise.
+    ``control_``: the split's second process. The two run the same configuration, so whatever
+    separates them is the host (and the luck of each process's placement): a target that the
+    copy misses as well says no more about elastic than about the noise. ``active_``: elastic
+    with the native pools spinning, beside the passive plan that elastic deploys.
     """
-    throughput_ratio = control["throughput"] / best["throughput"]
-    p99_ratio = control["p99_ms"] / best["p99_ms"]
+    throughput_ratio = candidate["throughput"] / best["throughput"]
+    p99_ratio = candidate["p99_ms"] / best["p99_ms"]
     return {
-        "control_throughput_ratio": throughput_ratio,
-        "control_p99_ratio": p99_ratio,
-        "control_throughput_met": throughput_ratio >= 0.95,
-        "control_p99_met": p99_ratio <= 1.25,
-        "control_round_ratios": _round_ratios(control, best),
-        "control_p99_round_ratios": _round_ratios(control, best, "p99_ms_by_round"),
+        f"{prefix}throughput_ratio": throughput_ratio,
+        f"{prefix}p99_ratio": p99_ratio,
+        f"{prefix}throughput_met": throughput_ratio >= 0.95,
+        f"{prefix}p99_met": p99_ratio <= 1.25,
+        f"{prefix}round_ratios": _round_ratios(candidate, best),
+        f"{prefix}p99_round_ratios": _round_ratios(candidate, best, "p99_ms_by_round"),
     }
 
 
@@ -1207,13 +1251,14 @@ def render_markdown(report: Json) -> str:
                 f"| {', '.join(_f(r, 2) for r in v.get('round_ratios', []))} "
                 f"| {_median_range(v.get('p99_round_ratios', []))} |"
             )
-        controls = [
-            v
-            for v in report["comparisons"]
-            if v["workload"] == workload and "control_p99_ratio" in v
-        ]
-        if controls:
-            _render_controls(add, workload, controls)
+        for prefix in ("control_", "active_"):
+            rows = [
+                v
+                for v in report["comparisons"]
+                if v["workload"] == workload and f"{prefix}p99_ratio" in v
+            ]
+            if rows:
+                _render_against_best(add, workload, rows, prefix)
         add("")
         add(f"### {workload}: slot wait under saturation")
         add("")
@@ -1298,20 +1343,38 @@ def _settle_sentence(cells: list[Json]) -> str:
     )
 
 
-def _render_controls(add: Callable[[str], None], workload: str, controls: list[Json]) -> None:
-    def misses(prefix: str) -> int:
-        return sum(
-            (not v[f"{prefix}throughput_met"]) + (not v[f"{prefix}p99_met"]) for v in controls
-        )
+_AGAINST_BEST = {
+    "control_": (
+        "the best static split against a second process of itself",
+        "The same configuration in two processes, measured in the same rounds and compared by "
+        "elastic's criteria: what the host alone does to a ratio.",
+        "copy",
+    ),
+    "active_": (
+        "elastic with the native pools spinning (wait policy active) against the best static",
+        "The same elastic slots in a second process whose plan leaves the libraries' own wait "
+        "policy (OpenBLAS and libgomp threads spin after their work, as their defaults say) "
+        "instead of elastic's passive plan, measured in the same rounds and compared by the "
+        "same criteria: what passive waiting costs or saves.",
+        "active-wait elastic",
+    ),
+}
+
+
+def _render_against_best(
+    add: Callable[[str], None], workload: str, rows: list[Json], prefix: str
+) -> None:
+    title, explanation, name = _AGAINST_BEST[prefix]
+
+    def misses(of: str) -> int:
+        return sum((not v[f"{of}throughput_met"]) + (not v[f"{of}p99_met"]) for v in rows)
 
     add("")
-    add(f"### {workload}: the best static split against a second process of itself")
+    add(f"### {workload}: {title}")
     add("")
     add(
-        "The same configuration in two processes, measured in the same rounds and compared by "
-        "elastic's criteria: what the host alone does to a ratio. Of these "
-        f"{2 * len(controls)} throughput and p99 targets, elastic missed {misses('')} and the "
-        f"copy {misses('control_')}."
+        f"{explanation} Of these {2 * len(rows)} throughput and p99 targets, elastic missed "
+        f"{misses('')} and the {name} {misses(prefix)}."
     )
     add("")
     add(
@@ -1319,13 +1382,13 @@ def _render_controls(add: Callable[[str], None], workload: str, controls: list[J
         "| p99 ratio per round: median [min-max] |"
     )
     add("|---:|---|---:|---:|---|---|")
-    for v in controls:
+    for v in rows:
         add(
             f"| {v['concurrency']} | {v['best_static']} | "
-            f"{_f(v['control_throughput_ratio'], 2)} {_mark(v['control_throughput_met'])} | "
-            f"{_f(v['control_p99_ratio'], 2)} {_mark(v['control_p99_met'])} | "
-            f"{', '.join(_f(r, 2) for r in v['control_round_ratios'])} | "
-            f"{_median_range(v.get('control_p99_round_ratios', []))} |"
+            f"{_f(v[f'{prefix}throughput_ratio'], 2)} {_mark(v[f'{prefix}throughput_met'])} | "
+            f"{_f(v[f'{prefix}p99_ratio'], 2)} {_mark(v[f'{prefix}p99_met'])} | "
+            f"{', '.join(_f(r, 2) for r in v[f'{prefix}round_ratios'])} | "
+            f"{_median_range(v.get(f'{prefix}p99_round_ratios', []))} |"
         )
 
 
@@ -1393,6 +1456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="pin the one-token slots of every slot mode (static and elastic) to CPUs of their "
         "own: CpuSlots(pin=True); needs an affinity mask of exactly the budget's CPUs",
+    )
+    parser.add_argument(
+        "--active-elastic",
+        action="store_true",
+        help="also run elastic planned with wait policy active (native pools spin as their "
+        "defaults say) and compare it with the best split as elastic is",
     )
     parser.add_argument(
         "--report",

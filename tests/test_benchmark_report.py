@@ -396,3 +396,55 @@ def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
         assert float(queued_ms) >= 0
     # One client never waits for a CPU behind another client; the count is the kernel's.
     assert float(rows["1", "no"][-1]) < 0.5
+
+
+def test_active_elastic_twin_is_compared_with_the_best_split_but_is_never_elastic() -> None:
+    bench = load_benchmark()
+    modes = bench.all_modes(2, control=True, active_elastic=True)
+    assert [m.key for m in modes] == [
+        "default",
+        "omp1",
+        "static-1",
+        "static-2",
+        "elastic",
+        "elastic+active",
+        "static-1-copy",
+        "static-2-copy",
+    ]
+    active = bench.mode_from_key("elastic+active")
+    assert (active.kind, active.wait, active.is_elastic) == ("elastic", "active", False)
+    assert active.label(2) == "elastic, active wait"
+    pinned = bench.all_modes(2, pin=True, active_elastic=True)
+    assert [m.key for m in pinned if m.kind == "elastic"] == ["elastic+pin", "elastic+active+pin"]
+    assert all(bench.mode_from_key(m.key) == m for m in modes + pinned)
+
+    summaries = [
+        summary("static-2", "static C=1 T=2", 1, [100, 110, 120], [10.0, 12.0, 11.0]),
+        summary("elastic", "elastic", 1, [60, 108, 40], [30.0, 12.0, 40.0]),
+        summary("elastic+active", "elastic, active wait", 1, [99, 112, 118], [10.0, 13.0, 11.0]),
+    ]
+    (verdict,) = bench.compare(summaries, modes, 2, ["numpy"])
+    # The passive elastic is the one judged; the twin is reported beside it under active_.
+    assert verdict["throughput_ratio"] == pytest.approx(60 / 110)
+    assert verdict["active_throughput_ratio"] == pytest.approx(112 / 110)
+    assert verdict["active_throughput_met"] is True
+    assert verdict["active_p99_met"] is True
+    assert verdict["active_round_ratios"] == pytest.approx([0.99, 112 / 110, 118 / 120])
+    assert "control_throughput_ratio" not in verdict
+
+    (plain,) = bench.compare(summaries[:2], bench.all_modes(2), 2, ["numpy"])
+    assert "active_throughput_ratio" not in plain
+
+
+def test_active_elastic_worker_leaves_the_wait_variables_to_the_libraries() -> None:
+    """The twin differs from elastic in its plan's wait policy and nothing else."""
+    bench = load_benchmark()
+    from threadbudget import make_plan
+    from threadbudget._envvars import planned_values
+
+    passive = planned_values(make_plan(2, concurrency=2, wait_policy="auto"))
+    twin = bench.mode_from_key("elastic+active")
+    active = planned_values(make_plan(2, concurrency=2, wait_policy=twin.wait))
+    assert {k: v for k, v in passive.items() if k not in bench.WAIT_VARS} == active
+    assert set(bench.WAIT_VARS) <= set(passive)
+    assert not set(bench.WAIT_VARS) & set(active)
