@@ -22,7 +22,9 @@ Modes, each in a fresh subprocess because native pools read their environment wh
 * with ``--control``, a second process of every static split: compared with the first by the
   same criteria as elastic, it shows how far the host alone moves those ratios.
 * with ``--active-elastic``, elastic again with the plan's wait policy ``active``: the native
-  pools spin after their work as the libraries' defaults say, beside elastic's passive plan.
+  pools spin after their work as the libraries' defaults say, beside elastic's passive plan;
+  with ``--elastic-openblas-timeouts N,..``, elastic again per N with
+  ``OPENBLAS_THREAD_TIMEOUT=N`` set before its passive plan (which keeps it).
 
 The parent process (this file without ``--worker``) only orchestrates: it never loads numpy or
 torch, so its own threads cannot disturb the measurement.
@@ -111,6 +113,8 @@ class Mode:
     # more than one request may run at once, as every slot mode deploys it; "active" is the
     # --active-elastic variant, whose native pools spin as the libraries' defaults say.
     wait: Literal["auto", "active"] = "auto"
+    # OPENBLAS_THREAD_TIMEOUT set before the plan, which keeps it (--elastic-openblas-timeouts).
+    openblas_timeout: int | None = None
 
     @property
     def is_static(self) -> bool:
@@ -118,16 +122,25 @@ class Mode:
 
     @property
     def is_elastic(self) -> bool:
-        """The elastic mode that is judged against the splits (not its --active-elastic twin)."""
-        return self.kind == "elastic" and self.wait == "auto"
+        """The elastic mode that is judged against the splits (not one of its variants)."""
+        return self.kind == "elastic" and self.variant == ""
+
+    @property
+    def variant(self) -> str:
+        """What sets an elastic variant apart from elastic as deployed, for its label."""
+        if self.wait == "active":
+            return "active wait"
+        if self.openblas_timeout is not None:
+            return f"OpenBLAS timeout 2^{self.openblas_timeout}"
+        return ""
 
     def label(self, budget: int) -> str:
         pinned = ", pinned" if self.pinned else ""
         if self.kind == "static":
             copy = " (copy)" if self.control else ""
             return f"static C={budget // self.threads} T={self.threads}{pinned}{copy}"
-        active = ", active wait" if self.wait == "active" else ""
-        return f"{self.kind}{active}{pinned}"
+        variant = f", {self.variant}" if self.variant else ""
+        return f"{self.kind}{variant}{pinned}"
 
 
 def static_grid(budget: int) -> list[int]:
@@ -143,15 +156,24 @@ def static_grid(budget: int) -> list[int]:
 COPY_SUFFIX = "-copy"
 PIN_SUFFIX = "+pin"
 ACTIVE_SUFFIX = "+active"
+OPENBLAS_TIMEOUT_PREFIX = "+obt"
+# OpenBLAS reads OPENBLAS_THREAD_TIMEOUT as 2^N cycles and clamps N to this range.
+OPENBLAS_TIMEOUTS = range(4, 31)
 
 
 def all_modes(
-    budget: int, control: bool = False, pin: bool = False, active_elastic: bool = False
+    budget: int,
+    control: bool = False,
+    pin: bool = False,
+    active_elastic: bool = False,
+    openblas_timeouts: Sequence[int] = (),
 ) -> list[Mode]:
     """Every mode of a run; with *pin* every slot mode (static and elastic) pins its slots.
 
-    *active_elastic* adds elastic planned with ``wait_policy="active"``: the same slots, with
-    the native pools left to spin as their libraries' defaults say instead of the passive plan.
+    Elastic variants, each the same slots in a process of its own: *active_elastic* plans with
+    ``wait_policy="active"`` (the native pools spin as their libraries' defaults say instead of
+    the passive plan); each of *openblas_timeouts* keeps the passive plan but sets
+    ``OPENBLAS_THREAD_TIMEOUT`` to it first, which the plan keeps.
     """
     grid = static_grid(budget)
     pinned = PIN_SUFFIX if pin else ""
@@ -170,6 +192,15 @@ def all_modes(
             if active_elastic
             else []
         ),
+        *(
+            Mode(
+                f"elastic{OPENBLAS_TIMEOUT_PREFIX}{n}{pinned}",
+                "elastic",
+                pinned=pin,
+                openblas_timeout=n,
+            )
+            for n in openblas_timeouts
+        ),
         *(copies if control else []),
     ]
 
@@ -182,6 +213,9 @@ def mode_from_key(key: str) -> Mode:
         return dataclasses.replace(unpinned, key=key, pinned=True)
     if key == f"elastic{ACTIVE_SUFFIX}":
         return Mode(key, "elastic", wait="active")
+    timeout = key.removeprefix(f"elastic{OPENBLAS_TIMEOUT_PREFIX}")
+    if timeout != key and timeout.isdigit() and int(timeout) in OPENBLAS_TIMEOUTS:
+        return Mode(key, "elastic", openblas_timeout=int(timeout))
     if key.startswith("static-") and key.endswith(COPY_SUFFIX):
         return dataclasses.replace(
             mode_from_key(key.removesuffix(COPY_SUFFIX)), key=key, control=True
@@ -663,6 +697,8 @@ def mode_env(mode: Mode) -> dict[str, str]:
     env = base_env()
     if mode.kind == "omp1":
         env.update(dict.fromkeys(OMP1_VARS, "1"))
+    if mode.openblas_timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = str(mode.openblas_timeout)
     return env
 
 
@@ -867,7 +903,11 @@ def orchestrate(args: argparse.Namespace) -> int:
         )
         return 2
     modes = all_modes(
-        budget, control=args.control, pin=args.pin, active_elastic=args.active_elastic
+        budget,
+        control=args.control,
+        pin=args.pin,
+        active_elastic=args.active_elastic,
+        openblas_timeouts=args.elastic_openblas_timeouts,
     )
     machine = machine_info(budget)
     machine["loadavg_before"] = load_before
@@ -973,6 +1013,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     stem = f"coordination-{started_at:%Y-%m-%d}" + ("-quick" if args.quick else "")
     stem += "-pinned" if args.pin else ""
     stem += "-active" if args.active_elastic else ""
+    stem += "".join(f"-obt{n}" for n in args.elastic_openblas_timeouts)
     stem += "-control" if args.control else ""
     if tuple(args.levels) != LEVELS:
         stem += "-n" + "-".join(map(str, args.levels))
@@ -1073,7 +1114,7 @@ def compare(
     statics = [m for m in modes if m.is_static and not m.control]
     others = [m for m in modes if m.kind != "elastic" and not m.control]
     elastic_key = next(m.key for m in modes if m.is_elastic)
-    active_key = next((m.key for m in modes if m.kind == "elastic" and m.wait == "active"), None)
+    variants = [m.key for m in modes if m.kind == "elastic" and not m.is_elastic]
     copy_of = {dataclasses.replace(m, key="", control=False): m.key for m in modes if m.control}
     by_key = {m.key: m for m in modes}
     verdicts: list[Json] = []
@@ -1091,7 +1132,9 @@ def compare(
             p99_ratio = elastic["p99_ms"] / best["p99_ms"]
             copy_key = copy_of.get(dataclasses.replace(by_key[best["mode"]], key=""))
             control = index.get((workload, copy_key, level)) if copy_key else None
-            active = index.get((workload, active_key, level)) if active_key else None
+            twins = {
+                k: index[(workload, k, level)] for k in variants if (workload, k, level) in index
+            }
             verdicts.append(
                 {
                     "workload": workload,
@@ -1120,7 +1163,12 @@ def compare(
                     # median of the paired per-round ratios says what the rounds agree on.
                     "p99_round_ratios": _round_ratios(elastic, best, "p99_ms_by_round"),
                     **({} if control is None else _verdict_against(control, best, "control_")),
-                    **({} if active is None else _verdict_against(active, best, "active_")),
+                    # Each elastic variant by the same criteria, keyed by its mode.
+                    **(
+                        {"variants": {k: _verdict_against(t, best, "") for k, t in twins.items()}}
+                        if twins
+                        else {}
+                    ),
                 }
             )
     return verdicts
@@ -1138,8 +1186,8 @@ def _verdict_against(candidate: Json, best: Json, prefix: str) -> Json:
 
     ``control_``: the split's second process. The two run the same configuration, so whatever
     separates them is the host (and the luck of each process's placement): a target that the
-    copy misses as well says no more about elastic than about the noise. ``active_``: elastic
-    with the native pools spinning, beside the passive plan that elastic deploys.
+    copy misses as well says no more about elastic than about the noise. No prefix: an elastic
+    variant, under ``variants`` and its mode's key.
     """
     throughput_ratio = candidate["throughput"] / best["throughput"]
     p99_ratio = candidate["p99_ms"] / best["p99_ms"]
@@ -1251,14 +1299,15 @@ def render_markdown(report: Json) -> str:
                 f"| {', '.join(_f(r, 2) for r in v.get('round_ratios', []))} "
                 f"| {_median_range(v.get('p99_round_ratios', []))} |"
             )
-        for prefix in ("control_", "active_"):
+        mine = [v for v in report["comparisons"] if v["workload"] == workload]
+        controls = [v for v in mine if "control_p99_ratio" in v]
+        if controls:
+            _render_against_best(add, workload, controls, "control_", _CONTROL_TEXT)
+        for key in dict.fromkeys(k for v in mine for k in v.get("variants", {})):
             rows = [
-                v
-                for v in report["comparisons"]
-                if v["workload"] == workload and f"{prefix}p99_ratio" in v
+                {**v, **_prefixed(v["variants"][key])} for v in mine if key in v.get("variants", {})
             ]
-            if rows:
-                _render_against_best(add, workload, rows, prefix)
+            _render_against_best(add, workload, rows, VARIANT_PREFIX, _variant_text(key, budget))
         add("")
         add(f"### {workload}: slot wait under saturation")
         add("")
@@ -1343,28 +1392,47 @@ def _settle_sentence(cells: list[Json]) -> str:
     )
 
 
-_AGAINST_BEST = {
-    "control_": (
-        "the best static split against a second process of itself",
-        "The same configuration in two processes, measured in the same rounds and compared by "
-        "elastic's criteria: what the host alone does to a ratio.",
-        "copy",
-    ),
-    "active_": (
-        "elastic with the native pools spinning (wait policy active) against the best static",
-        "The same elastic slots in a second process whose plan leaves the libraries' own wait "
-        "policy (OpenBLAS and libgomp threads spin after their work, as their defaults say) "
-        "instead of elastic's passive plan, measured in the same rounds and compared by the "
-        "same criteria: what passive waiting costs or saves.",
-        "active-wait elastic",
-    ),
-}
+_CONTROL_TEXT = (
+    "the best static split against a second process of itself",
+    "The same configuration in two processes, measured in the same rounds and compared by "
+    "elastic's criteria: what the host alone does to a ratio.",
+    "copy",
+)
+VARIANT_PREFIX = "variant_"
+
+
+def _prefixed(verdict: Json) -> Json:
+    return {f"{VARIANT_PREFIX}{k}": v for k, v in verdict.items()}
+
+
+def _variant_text(key: str, budget: int) -> tuple[str, str, str]:
+    mode = mode_from_key(key)
+    if mode.wait == "active":
+        how = (
+            "whose plan leaves the libraries' own wait policy (OpenBLAS and libgomp threads "
+            "spin after their work, as their defaults say) instead of elastic's passive plan"
+        )
+    else:
+        how = (
+            f"whose passive plan keeps OPENBLAS_THREAD_TIMEOUT={mode.openblas_timeout} (OpenBLAS's "
+            f"threads spin 2^{mode.openblas_timeout} cycles after a call, then sleep) set before it"
+        )
+    return (
+        f"{mode.label(budget)} against the best static",
+        f"The same elastic slots in a second process {how}, measured in the same rounds and "
+        "compared by the same criteria: what that wait costs or saves.",
+        f"{mode.variant} variant",
+    )
 
 
 def _render_against_best(
-    add: Callable[[str], None], workload: str, rows: list[Json], prefix: str
+    add: Callable[[str], None],
+    workload: str,
+    rows: list[Json],
+    prefix: str,
+    text: tuple[str, str, str],
 ) -> None:
-    title, explanation, name = _AGAINST_BEST[prefix]
+    title, explanation, name = text
 
     def misses(of: str) -> int:
         return sum((not v[f"{of}throughput_met"]) + (not v[f"{of}p99_met"]) for v in rows)
@@ -1427,6 +1495,16 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def parse_openblas_timeouts(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(p.isdigit() and int(p) in OPENBLAS_TIMEOUTS for p in parts):
+        raise argparse.ArgumentTypeError(
+            "--elastic-openblas-timeouts wants whole numbers from 4 to 30 separated by commas "
+            f"(OpenBLAS's 2^N cycles), got {text!r}"
+        )
+    return sorted({int(p) for p in parts})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="one round, fewer requests")
@@ -1462,6 +1540,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also run elastic planned with wait policy active (native pools spin as their "
         "defaults say) and compare it with the best split as elastic is",
+    )
+    parser.add_argument(
+        "--elastic-openblas-timeouts",
+        type=parse_openblas_timeouts,
+        default=[],
+        metavar="N,N",
+        help="also run elastic once per N with OPENBLAS_THREAD_TIMEOUT=N (2^N cycles of spin; "
+        "4..30) under its passive plan, each compared with the best split as elastic is",
     )
     parser.add_argument(
         "--report",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -398,9 +399,9 @@ def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
     assert float(rows["1", "no"][-1]) < 0.5
 
 
-def test_active_elastic_twin_is_compared_with_the_best_split_but_is_never_elastic() -> None:
+def test_elastic_variants_are_compared_with_the_best_split_but_are_never_elastic() -> None:
     bench = load_benchmark()
-    modes = bench.all_modes(2, control=True, active_elastic=True)
+    modes = bench.all_modes(2, control=True, active_elastic=True, openblas_timeouts=[20, 24])
     assert [m.key for m in modes] == [
         "default",
         "omp1",
@@ -408,32 +409,60 @@ def test_active_elastic_twin_is_compared_with_the_best_split_but_is_never_elasti
         "static-2",
         "elastic",
         "elastic+active",
+        "elastic+obt20",
+        "elastic+obt24",
         "static-1-copy",
         "static-2-copy",
     ]
     active = bench.mode_from_key("elastic+active")
     assert (active.kind, active.wait, active.is_elastic) == ("elastic", "active", False)
     assert active.label(2) == "elastic, active wait"
-    pinned = bench.all_modes(2, pin=True, active_elastic=True)
-    assert [m.key for m in pinned if m.kind == "elastic"] == ["elastic+pin", "elastic+active+pin"]
+    timeout = bench.mode_from_key("elastic+obt20")
+    assert (timeout.wait, timeout.openblas_timeout, timeout.is_elastic) == ("auto", 20, False)
+    assert timeout.label(2) == "elastic, OpenBLAS timeout 2^20"
+    assert bench.mode_env(timeout)["OPENBLAS_THREAD_TIMEOUT"] == "20"
+    assert "OPENBLAS_THREAD_TIMEOUT" not in bench.mode_env(bench.mode_from_key("elastic"))
+    for bad in ("elastic+obt3", "elastic+obt31", "elastic+obtx"):
+        with pytest.raises(ValueError, match="unknown mode"):
+            bench.mode_from_key(bad)
+    pinned = bench.all_modes(2, pin=True, active_elastic=True, openblas_timeouts=[20])
+    assert [m.key for m in pinned if m.kind == "elastic"] == [
+        "elastic+pin",
+        "elastic+active+pin",
+        "elastic+obt20+pin",
+    ]
     assert all(bench.mode_from_key(m.key) == m for m in modes + pinned)
 
     summaries = [
         summary("static-2", "static C=1 T=2", 1, [100, 110, 120], [10.0, 12.0, 11.0]),
         summary("elastic", "elastic", 1, [60, 108, 40], [30.0, 12.0, 40.0]),
         summary("elastic+active", "elastic, active wait", 1, [99, 112, 118], [10.0, 13.0, 11.0]),
+        summary("elastic+obt20", "elastic, OpenBLAS timeout 2^20", 1, [90, 99, 100], [20, 20]),
     ]
     (verdict,) = bench.compare(summaries, modes, 2, ["numpy"])
-    # The passive elastic is the one judged; the twin is reported beside it under active_.
+    # The passive elastic is the one judged; each variant is reported beside it.
     assert verdict["throughput_ratio"] == pytest.approx(60 / 110)
-    assert verdict["active_throughput_ratio"] == pytest.approx(112 / 110)
-    assert verdict["active_throughput_met"] is True
-    assert verdict["active_p99_met"] is True
-    assert verdict["active_round_ratios"] == pytest.approx([0.99, 112 / 110, 118 / 120])
+    spinning = verdict["variants"]["elastic+active"]
+    assert spinning["throughput_ratio"] == pytest.approx(112 / 110)
+    assert spinning["throughput_met"] is True
+    assert spinning["p99_met"] is True
+    assert spinning["round_ratios"] == pytest.approx([0.99, 112 / 110, 118 / 120])
+    longer = verdict["variants"]["elastic+obt20"]
+    assert longer["throughput_ratio"] == pytest.approx(99 / 110)
+    assert longer["throughput_met"] is False
+    assert longer["p99_ratio"] == pytest.approx(20 / 12)
     assert "control_throughput_ratio" not in verdict
 
     (plain,) = bench.compare(summaries[:2], bench.all_modes(2), 2, ["numpy"])
-    assert "active_throughput_ratio" not in plain
+    assert "variants" not in plain
+
+
+def test_openblas_timeouts_on_the_command_line_are_checked() -> None:
+    bench = load_benchmark()
+    assert bench.parse_openblas_timeouts("24, 20,20") == [20, 24]
+    for bad in ("", "3", "31", "20,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="from 4 to 30"):
+            bench.parse_openblas_timeouts(bad)
 
 
 def test_active_elastic_worker_leaves_the_wait_variables_to_the_libraries() -> None:
@@ -448,3 +477,39 @@ def test_active_elastic_worker_leaves_the_wait_variables_to_the_libraries() -> N
     assert {k: v for k, v in passive.items() if k not in bench.WAIT_VARS} == active
     assert set(bench.WAIT_VARS) <= set(passive)
     assert not set(bench.WAIT_VARS) & set(active)
+
+
+def test_report_of_a_run_with_an_elastic_variant_gives_it_a_table_of_its_own(
+    tmp_path: Path,
+) -> None:
+    saved = tmp_path / "active.json"
+    shutil.copy(BENCHMARKS / "results" / "coordination-2026-12-03-active-control-n1-2.json", saved)
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+
+    rebuilt = json.loads(saved.read_text())
+    markdown = saved.with_suffix(".md").read_text()
+    for workload in ("numpy", "minilm"):
+        verdicts = [v for v in rebuilt["comparisons"] if v["workload"] == workload]
+        twins = [v["variants"]["elastic+active"] for v in verdicts]
+        assert len(twins) == 2  # one and two clients
+        elastic_misses = sum((not v["throughput_met"]) + (not v["p99_met"]) for v in verdicts)
+        twin_misses = sum((not t["throughput_met"]) + (not t["p99_met"]) for t in twins)
+        assert f"### {workload}: elastic, active wait against the best static" in markdown
+        assert (
+            f"Of these 4 throughput and p99 targets, elastic missed {elastic_misses} and the "
+            f"active wait variant {twin_misses}."
+        ) in markdown
+        for v, twin in zip(verdicts, twins, strict=True):
+            assert twin["throughput_ratio"] == pytest.approx(
+                twin_throughput(rebuilt, workload, v["concurrency"]) / v["best_static_throughput"]
+            )
+
+
+def twin_throughput(report: dict[str, Any], workload: str, level: int) -> float:
+    """Median of the active twin's per-run throughputs, from the raw cells."""
+    runs = [
+        c["throughput"]
+        for c in report["raw_cells"]
+        if c["workload"] == workload and c["mode"] == "elastic+active" and c["concurrency"] == level
+    ]
+    return statistics.median(runs)

@@ -374,7 +374,7 @@ def test_planned_values_follow_the_plan(
         assert values["OMP_WAIT_POLICY"] == "PASSIVE"
         assert values["GOMP_SPINCOUNT"] == "10000"
         assert values["KMP_BLOCKTIME"] == "0"
-        assert values["OPENBLAS_THREAD_TIMEOUT"] == "16"
+        assert values["OPENBLAS_THREAD_TIMEOUT"] == "20"
     else:
         assert passive_names.isdisjoint(values)
 

@@ -97,10 +97,15 @@ _PASSIVE_VALUES = {
     # before anything else could want the CPU.
     "GOMP_SPINCOUNT": "10000",
     "KMP_BLOCKTIME": "0",
-    # 2^16 cycles (some 20-30 us) rather than the minimum 2^4: back-to-back BLAS calls of one
-    # request find the pool awake; 2^4 made 20 matmuls of 256x256 with 2 threads ~5 % slower.
-    # OpenBLAS's own default, 2^28, spins ~0.1 s after the last call.
-    "OPENBLAS_THREAD_TIMEOUT": "16",
+    # 2^20 cycles (some 0.4 ms): the back-to-back BLAS calls of one request, and the next
+    # request of a busy client, find the pool awake. 2^4 made 20 matmuls of 256x256 with 2
+    # threads ~5 % slower; 2^16 (20-30 us) let a lone request's threads fall asleep between
+    # calls, and on a virtual machine under steal each wake-up came late (elastic at one numpy
+    # client 0.91x the spinning split, 0.53x in one round; 2^20 1.01x, in the same rounds).
+    # OpenBLAS's own default, 2^28, spins ~0.1 s after the last call: at two clients that cost
+    # 4-7 % of throughput, 2^20 nothing measurable (benchmarks/coordination.py
+    # --elastic-openblas-timeouts, results of 2026-12-03).
+    "OPENBLAS_THREAD_TIMEOUT": "20",
 }
 
 
