@@ -197,22 +197,28 @@ def test_pinned_run_pins_every_slot_mode_and_compares_pinned_with_pinned() -> No
     assert verdict["control_throughput_ratio"] == pytest.approx(90 / 110)
 
 
+def rebuild_saved_run(name: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """A saved run of benchmarks/results summarised again by ``--report`` in *tmp_path*."""
+    saved = tmp_path / name
+    shutil.copy(BENCHMARKS / "results" / name, saved)
+    assert load_benchmark().main(["--report", str(saved)]) == 0
+    return json.loads(saved.read_text()), saved.with_suffix(".md").read_text()
+
+
+def target_misses(verdicts: list[dict[str, Any]], prefix: str = "") -> int:
+    """Throughput and p99 targets missed, counted independently of the report's wording."""
+    return sum((not v[f"{prefix}throughput_met"]) + (not v[f"{prefix}p99_met"]) for v in verdicts)
+
+
 def test_report_of_a_control_run_counts_the_misses_of_elastic_and_of_the_copy(
     tmp_path: Path,
 ) -> None:
-    saved = tmp_path / "control.json"
-    shutil.copy(BENCHMARKS / "results" / "coordination-2026-12-02-control.json", saved)
-    assert load_benchmark().main(["--report", str(saved)]) == 0
-
-    rebuilt = json.loads(saved.read_text())
+    rebuilt, markdown = rebuild_saved_run("coordination-2026-12-02-control.json", tmp_path)
     assert rebuilt["control"] is True
-    markdown = saved.with_suffix(".md").read_text()
     for workload in ("numpy", "minilm"):
         verdicts = [v for v in rebuilt["comparisons"] if v["workload"] == workload]
-        elastic_misses = sum((not v["throughput_met"]) + (not v["p99_met"]) for v in verdicts)
-        copy_misses = sum(
-            (not v["control_throughput_met"]) + (not v["control_p99_met"]) for v in verdicts
-        )
+        elastic_misses = target_misses(verdicts)
+        copy_misses = target_misses(verdicts, "control_")
         assert f"### {workload}: the best static split against a second process of itself" in (
             markdown
         )
@@ -482,18 +488,15 @@ def test_active_elastic_worker_leaves_the_wait_variables_to_the_libraries() -> N
 def test_report_of_a_run_with_an_elastic_variant_gives_it_a_table_of_its_own(
     tmp_path: Path,
 ) -> None:
-    saved = tmp_path / "active.json"
-    shutil.copy(BENCHMARKS / "results" / "coordination-2026-12-03-active-control-n1-2.json", saved)
-    assert load_benchmark().main(["--report", str(saved)]) == 0
-
-    rebuilt = json.loads(saved.read_text())
-    markdown = saved.with_suffix(".md").read_text()
+    rebuilt, markdown = rebuild_saved_run(
+        "coordination-2026-12-03-active-control-n1-2.json", tmp_path
+    )
     for workload in ("numpy", "minilm"):
         verdicts = [v for v in rebuilt["comparisons"] if v["workload"] == workload]
         twins = [v["variants"]["elastic+active"] for v in verdicts]
         assert len(twins) == 2  # one and two clients
-        elastic_misses = sum((not v["throughput_met"]) + (not v["p99_met"]) for v in verdicts)
-        twin_misses = sum((not t["throughput_met"]) + (not t["p99_met"]) for t in twins)
+        elastic_misses = target_misses(verdicts)
+        twin_misses = target_misses(twins)
         assert f"### {workload}: elastic, active wait against the best static" in markdown
         assert (
             f"Of these 4 throughput and p99 targets, elastic missed {elastic_misses} and the "
