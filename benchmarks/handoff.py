@@ -1,7 +1,7 @@
 """How long a slot stands empty when it passes from one holder to a queued thread.
 
-Run ``python benchmarks/handoff.py [--levels 2,3,4,32] [--rounds 3] [--seconds 5] [--pin]``
-(about a minute on 2 CPUs, two with ``--pin``).
+Run ``python benchmarks/handoff.py [--levels 2,3,4,32] [--rounds 3] [--seconds 5] [--pin]
+[--policies static,elastic]`` (about a minute on 2 CPUs; each pinning and policy adds one).
 
 N threads in a closed loop each hash 8 MiB (hashlib releases the GIL, as a native kernel does)
 inside a slot of a static ``TokenPool(budget)``, one token per request, so at most ``budget``
@@ -18,6 +18,12 @@ nobody queues; it is the reference.
 ``--pin`` runs every level a second time with each slot's thread pinned to CPUs of its own while
 it holds the slot (``sched_setaffinity`` in the hooks; one CPU per token), which tells a wake-up
 put on a busy CPU's queue apart from one that is slow for other reasons.
+
+``--policies static,elastic`` runs every level under each policy in turn, in the same rounds.
+Elastic grants a lone thread the whole budget and one token each once the queue is long; with
+the same grants the two differ only in the pool's own work at each grant and release (the
+elastic rule and its demand tracking), so the cores used and the gaps side by side say whether
+that work leaves a CPU idle.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast, get_args
 
 from coordination import parse_levels  # this directory is on sys.path when run as a script
+
+Policy = Literal["static", "elastic"]  # TokenPool's policy argument
 
 DATA = bytes(8 << 20)
 
@@ -56,7 +64,9 @@ def run_queue_ns() -> int | None:
         return None
 
 
-def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) -> Cell:
+def run_cell(
+    budget: int, clients: int, seconds: float, *, pin: bool = False, policy: Policy = "static"
+) -> Cell:
     import threadbudget
 
     clock = time.perf_counter
@@ -79,7 +89,8 @@ def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) ->
         return now, mine
 
     def leaving(restore: object) -> None:
-        since, mine = cast(tuple[float, list[int]], restore)
+        assert isinstance(restore, tuple)
+        since, mine = restore
         if mine:
             os.sched_setaffinity(0, every_cpu)
             with cpus_lock:
@@ -88,7 +99,7 @@ def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) ->
         held[0] += now - since
         last_release[0] = now
 
-    pool = threadbudget.TokenPool(budget, on_enter=entered, on_exit=leaving)
+    pool = threadbudget.TokenPool(budget, policy=policy, on_enter=entered, on_exit=leaving)
     deadline = clock() + seconds
     # One (requests, run-queue ns or None) per client; list.append is atomic, `+=` is not.
     per_client: list[tuple[int, int | None]] = []
@@ -120,6 +131,19 @@ def run_cell(budget: int, clients: int, seconds: float, *, pin: bool = False) ->
     return Cell(cores, held[0] / (budget * elapsed), gaps, queued_ms)
 
 
+def parse_policies(text: str) -> list[Policy]:
+    known = get_args(Policy)
+    policies = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [p for p in policies if p not in known]
+    if not policies or unknown:
+        raise argparse.ArgumentTypeError(
+            f"policies must be a comma-separated list of {', '.join(known)}, got {text!r}"
+        )
+    if len(set(policies)) != len(policies):
+        raise argparse.ArgumentTypeError(f"a policy is named twice in {text!r}")
+    return cast(list[Policy], policies)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--levels", type=parse_levels, default=[2, 3, 4, 32])
@@ -127,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one cell")
     parser.add_argument(
         "--pin", action="store_true", help="also run each level with slots pinned to CPUs"
+    )
+    parser.add_argument(
+        "--policies",
+        type=parse_policies,
+        default=["static"],
+        help="comma-separated pool policies to run side by side (default static)",
     )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:
@@ -138,33 +168,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.pin and len(os.sched_getaffinity(0)) < budget:
         parser.error(f"--pin needs {budget} CPUs in this process's affinity mask")
     variants = [
-        (level, pin) for level in args.levels for pin in ([False, True] if args.pin else [False])
+        (level, pin, policy)
+        for level in args.levels
+        for pin in ([False, True] if args.pin else [False])
+        for policy in args.policies
     ]
-    results: dict[tuple[int, bool], list[Cell]] = {variant: [] for variant in variants}
+    results: dict[tuple[int, bool, Policy], list[Cell]] = {variant: [] for variant in variants}
     for round_no in range(args.rounds):
-        for level, pin in variants:
-            results[level, pin].append(run_cell(budget, level, args.seconds, pin=pin))
+        for level, pin, policy in variants:
+            cell = run_cell(budget, level, args.seconds, pin=pin, policy=policy)
+            results[level, pin, policy].append(cell)
         print(f"[round {round_no + 1}/{args.rounds}] done", flush=True)
 
     print()
     print(f"budget {budget}; {args.rounds} round(s) of {args.seconds:g} s per level")
     print(
-        "| N | pinned | cores used | slots held | hand-offs | gap p50 us | gap p90 us | gap p99 us"
-        " | run-queue wait per request ms |"
+        "| N | pinned | policy | cores used | slots held | hand-offs | gap p50 us | gap p90 us"
+        " | gap p99 us | run-queue wait per request ms |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for (level, pin), cells in results.items():
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (level, pin, policy), cells in results.items():
         pinned = "yes" if pin else "no"
         gaps = sorted(g for cell in cells for g in cell.gaps)
         queued = [cell.queued_ms for cell in cells if cell.queued_ms is not None]
         queued_text = f"{statistics.median(queued):.2f}" if len(queued) == len(cells) else ""
         if not gaps:
-            print(f"| {level} | {pinned} | | | 0 | | | | {queued_text} |")
+            print(f"| {level} | {pinned} | {policy} | | | 0 | | | | {queued_text} |")
             continue
         quantiles = statistics.quantiles(gaps, n=100, method="inclusive") if len(gaps) > 1 else []
         p90, p99 = (quantiles[89], quantiles[98]) if quantiles else (gaps[0], gaps[0])
         print(
-            f"| {level} | {pinned} | {statistics.median(c.cores for c in cells):.2f} | "
+            f"| {level} | {pinned} | {policy} | {statistics.median(c.cores for c in cells):.2f} | "
             f"{statistics.median(c.held for c in cells):.1%} | {len(gaps)} | "
             f"{statistics.median(gaps):.0f} | {p90:.0f} | {p99:.0f} | {queued_text} |"
         )

@@ -377,24 +377,40 @@ def test_levels_are_chosen_on_the_command_line_and_reported_as_measured(
     assert verdict["throughput_ratio"] == pytest.approx(102 / 105)
 
 
-def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
-    command = [sys.executable, str(BENCHMARKS / "handoff.py"), "--levels", "1,3", "--pin"]
-    done = subprocess.run(
-        [*command, "--rounds", "1", "--seconds", "0.5"],
+def run_handoff(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "handoff.py"),
+            "--rounds",
+            "1",
+            "--seconds",
+            "0.5",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
+    done = run_handoff("--levels", "1,3", "--pin", "--policies", "static,elastic")
     assert done.returncode == 0, done.stderr
     rows = {
-        (cells[0], cells[1]): cells
+        (cells[0], cells[1], cells[2]): cells
         for line in done.stdout.splitlines()
         if line.startswith("| ") and (cells := line.strip(" |").split(" | "))[0].isdigit()
     }
-    assert sorted(rows) == [("1", "no"), ("1", "yes"), ("3", "no"), ("3", "yes")]
+    assert sorted(rows) == sorted(
+        (level, pinned, policy)
+        for level in ("1", "3")
+        for pinned in ("no", "yes")
+        for policy in ("static", "elastic")
+    )
     for cells in rows.values():
-        _level, _pinned, cores, held, handoffs, *gaps, queued_ms = cells
+        _level, _pinned, _policy, cores, held, handoffs, *gaps, queued_ms = cells
         assert int(handoffs) > 0
         assert 0 < float(held.rstrip("%")) <= 100
         assert float(cores) > 0
@@ -402,7 +418,21 @@ def test_handoff_reports_the_gap_between_a_release_and_the_next_grant() -> None:
         # This host is Linux with schedstats, so the kernel's run-queue count must be there.
         assert float(queued_ms) >= 0
     # One client never waits for a CPU behind another client; the count is the kernel's.
-    assert float(rows["1", "no"][-1]) < 0.5
+    assert float(rows["1", "no", "static"][-1]) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("policies", "message"),
+    [
+        ("static,fair", "policies must be a comma-separated list of static, elastic"),
+        ("elastic,elastic", "a policy is named twice in 'elastic,elastic'"),
+        (",", "got ','"),
+    ],
+)
+def test_handoff_names_a_bad_policy_list(policies: str, message: str) -> None:
+    done = run_handoff("--levels", "1", "--policies", policies)
+    assert done.returncode == 2
+    assert message in done.stderr
 
 
 def test_elastic_variants_are_compared_with_the_best_split_but_are_never_elastic() -> None:
