@@ -89,8 +89,7 @@ def run_cell(
         return now, mine
 
     def leaving(restore: object) -> None:
-        assert isinstance(restore, tuple)
-        since, mine = restore
+        since, mine = cast(tuple[float, list[int]], restore)
         if mine:
             os.sched_setaffinity(0, every_cpu)
             with cpus_lock:
