@@ -11,8 +11,8 @@ the medians over rounds of:
 * the cell's median service time (with the slowest and fastest round: how far the host's speed
   moved between rounds);
 * the spread of service times and of waits (p99 / p50 within a round, as the report's wait
-  target is computed), and how closely the two follow each other over all cells (Spearman's
-  rank correlation);
+  target is computed), and how closely the two follow each other over every slot mode's rounds
+  of one cell (Spearman's rank correlation);
 * the first requests of the measured window over the median of the rest: elastic grants the
   whole budget once as a run starts (inside the warm-up, which is not measured) and lowers the
   process-wide pools again on the next grant; a cost of that move would show up here;
@@ -95,9 +95,9 @@ def describe_round(run: dict[str, Any], slow: float) -> dict[str, float]:
     count, neighboured, expected = slow_runs(service, slow)
     return {
         "service_ms": statistics.median(service) / 1000,
-        "service_spread": coordination.percentile(service, 99)
-        / coordination.percentile(service, 50),
-        "wait_spread": coordination.percentile(waits, 99) / coordination.percentile(waits, 50),
+        # The report's own p99 / p50 (nan where the median is 0), so the figures match it.
+        "service_spread": coordination._spread(service),
+        "wait_spread": coordination._spread(waits),
         "head": statistics.median(service[:head]) / statistics.median(service[head:]),
         "slow": count / len(service),
         "neighboured": neighboured,
