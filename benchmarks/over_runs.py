@@ -1,0 +1,275 @@
+"""One cell of several saved coordination runs, round by round: elastic and the split's copy.
+
+Run ``python benchmarks/over_runs.py --workload numpy --clients 1 REPORT.json [REPORT.json ...]``
+(reads the reports' summaries and raw cells; runs nothing).
+
+A single run's ratio at one cell moves with the host from run to run, so a cell that misses a
+target in one run and meets it in the next says little by itself. Every run with ``--control``
+also ran a second process of the best split, which differs from it in nothing, so the rounds of
+many runs together can say whether elastic falls behind the split more often than the copy does.
+For each report that has the cell, elastic as deployed and the copy, this prints:
+
+* elastic's and the copy's median per-round ratio to the best split (throughput and p99), and
+  in how many rounds each did worse than the split (lower throughput, higher p99);
+* how much more of the machine the hypervisor took (steal, in cores) during elastic's cell than
+  during the split's in the same round, the copy's likewise, and Spearman's correlation between
+  elastic's per-round throughput ratio and that difference;
+* the environment elastic's worker ran with (OpenBLAS's timeout, libgomp's spin count), since
+  the runs span changes of the passive plan.
+
+Last, the rounds of all reports together, with a two-sided sign test against "as likely worse
+as better". Reports from before the benchmark recorded steal show "-" there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import coordination  # this directory is on sys.path when run as a script
+from service_times import spearman
+
+WAIT_VARIABLES = {"OPENBLAS_THREAD_TIMEOUT": "obt", "GOMP_SPINCOUNT": "spin"}
+
+
+def sign_test(worse: int, rounds: int) -> float:
+    """Two-sided exact binomial p of *worse* of *rounds* under p = 1/2 (1.0 for no rounds)."""
+    if not 0 <= worse <= rounds:
+        raise ValueError(f"{worse} worse of {rounds} rounds")
+    tail = min(worse, rounds - worse)
+    probability = sum(math.comb(rounds, k) for k in range(tail + 1)) / (1 << rounds)
+    return min(1.0, 2 * probability)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One mode's rounds against the best split's rounds of the same run."""
+
+    throughput: list[float]  # per-round ratios, round order
+    p99: list[float]
+    extra_steal: list[float]  # cores, the mode's cell minus the split's; empty if not recorded
+
+    @property
+    def slower(self) -> int:
+        return sum(r < 1 for r in self.throughput)
+
+    @property
+    def slower_p99(self) -> int:
+        return sum(r > 1 for r in self.p99)
+
+    @property
+    def more_steal(self) -> int:
+        return sum(s > 0 for s in self.extra_steal)
+
+    @property
+    def steal_differed(self) -> int:
+        """Rounds whose two cells' steal differed: /proc/stat counts whole ticks, so two
+        quiet cells often both read 0, a tie that says nothing either way."""
+        return sum(s != 0 for s in self.extra_steal)
+
+
+@dataclass(frozen=True)
+class RunCell:
+    name: str
+    best: str
+    env: str
+    elastic: Pairing
+    copy: Pairing
+
+
+def _env_text(report: dict[str, Any], workload: str, elastic: str) -> str:
+    """The wait variables elastic's worker ran with; reports before they were kept say so."""
+    for worker in report.get("workers", []):
+        if worker.get("workload") == workload and worker.get("mode") == elastic:
+            env = worker.get("env") or {}
+            if not all(name in env for name in WAIT_VARIABLES):
+                return "not recorded"
+            return ", ".join(
+                f"{short} {env[name] or 'unset'}" for name, short in WAIT_VARIABLES.items()
+            )
+    return "not recorded"
+
+
+def _elastic_and_copy(report: dict[str, Any], best: str) -> tuple[str | None, str | None]:
+    """Keys of elastic as deployed and of the copy of the split *best*, where the run has them."""
+    modes = [coordination.mode_from_key(m["key"]) for m in report["modes"]]
+    split = dataclasses.replace(coordination.mode_from_key(best), key="")
+    elastic = next((m.key for m in modes if m.is_elastic), None)
+    copy = next(
+        (
+            m.key
+            for m in modes
+            if m.control and dataclasses.replace(m, key="", control=False) == split
+        ),
+        None,
+    )
+    return elastic, copy
+
+
+def _pair(
+    report: dict[str, Any], workload: str, clients: int, mode: str, best: str
+) -> Pairing | None:
+    summaries = {
+        s["mode"]: s
+        for s in report["summaries"]
+        if s["workload"] == workload and s["concurrency"] == clients
+    }
+    ours, theirs = summaries.get(mode), summaries.get(best)
+    if ours is None or theirs is None:
+        return None
+    rounds = sorted(set(ours["throughput_by_round"]) & set(theirs["throughput_by_round"]), key=int)
+    steal: dict[tuple[str, int], float] = {}
+    for run in report["raw_cells"]:
+        if (
+            run.get("kind") == "cell"
+            and run["workload"] == workload
+            and run["concurrency"] == clients
+            and run.get("steal_cores") is not None
+        ):
+            steal[(run["mode"], int(run["round"]))] = float(run["steal_cores"])
+    recorded = all((m, int(r)) in steal for m in (mode, best) for r in rounds)
+    return Pairing(
+        throughput=[
+            ours["throughput_by_round"][r] / theirs["throughput_by_round"][r] for r in rounds
+        ],
+        p99=[ours["p99_ms_by_round"][r] / theirs["p99_ms_by_round"][r] for r in rounds],
+        extra_steal=[steal[(mode, int(r))] - steal[(best, int(r))] for r in rounds]
+        if recorded
+        else [],
+    )
+
+
+def read_cell(path: Path, workload: str, clients: int) -> RunCell | str:
+    """The cell of one report, or why it has none."""
+    report = json.loads(path.read_text())
+    comparison = next(
+        (
+            c
+            for c in report["comparisons"]
+            if c["workload"] == workload and c["concurrency"] == clients
+        ),
+        None,
+    )
+    if comparison is None:
+        return "no such cell"
+    label = comparison["best_static"]
+    best = next(
+        (
+            s["mode"]
+            for s in report["summaries"]
+            if s["label"] == label and s["workload"] == workload
+        ),
+        None,
+    )
+    if best is None:
+        return f"no summary for {label!r}"
+    if any("throughput_by_round" not in s for s in report["summaries"]):
+        return "no per-round figures (a report from before they were kept)"
+    elastic_key, copy_key = _elastic_and_copy(report, best)
+    if elastic_key is None:
+        return "no elastic mode"
+    if copy_key is None:
+        return "no copy of the best split (a run without --control)"
+    elastic = _pair(report, workload, clients, elastic_key, best)
+    copy = _pair(report, workload, clients, copy_key, best)
+    if elastic is None or copy is None:
+        return "elastic or the copy did not run this cell"
+    return RunCell(path.stem, label, _env_text(report, workload, elastic_key), elastic, copy)
+
+
+def _median(values: Sequence[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    return f"{round(statistics.median(values), digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.000"
+
+
+def _counted(worse: int, rounds: int) -> str:
+    return f"{worse} of {rounds}" if rounds else "-"
+
+
+def _correlation(pairing: Pairing) -> str:
+    if not pairing.extra_steal:
+        return "-"
+    rho = spearman(pairing.throughput, pairing.extra_steal)
+    return "-" if math.isnan(rho) else f"{rho:.2f}"
+
+
+def _pooled(cells: Sequence[RunCell], which: str) -> str:
+    pairings = [getattr(cell, which) for cell in cells]
+    rounds = sum(len(p.throughput) for p in pairings)
+    slower = sum(p.slower for p in pairings)
+    slower_p99 = sum(p.slower_p99 for p in pairings)
+    steal_rounds = sum(p.steal_differed for p in pairings)
+    more_steal = sum(p.more_steal for p in pairings)
+    ratios = [r for p in pairings for r in p.throughput]
+    steal = (
+        f"more steal than the split in {more_steal} of the {steal_rounds} rounds where "
+        f"the two differed (p = {sign_test(more_steal, steal_rounds):.3f})"
+        if steal_rounds
+        else "steal not recorded"
+    )
+    return (
+        f"  {which}: slower than the split in {slower} of {rounds} rounds "
+        f"(p = {sign_test(slower, rounds):.3f}), median ratio {_median(ratios)}; "
+        f"p99 higher in {slower_p99} of {rounds} (p = {sign_test(slower_p99, rounds):.3f}); "
+        f"{steal}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("reports", type=Path, nargs="+", help="coordination.py runs' .json")
+    parser.add_argument("--workload", choices=("numpy", "minilm"), required=True)
+    parser.add_argument("--clients", type=int, required=True, help="the concurrency level")
+    args = parser.parse_args(argv)
+    cells: list[RunCell] = []
+    for path in args.reports:
+        try:
+            cell = read_cell(path, args.workload, args.clients)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as error:
+            print(f"{path}: not a coordination.py report ({error!r})", file=sys.stderr)
+            return 1
+        if isinstance(cell, str):
+            print(f"skipped {path.name}: {cell}", file=sys.stderr)
+        else:
+            cells.append(cell)
+    if not cells:
+        print(
+            f"no report has {args.workload} at {args.clients} clients with a copy", file=sys.stderr
+        )
+        return 1
+
+    print(
+        "| run | best split | elastic env | rounds | req/s ratio: elastic | the copy | "
+        "slower rounds: elastic | the copy | p99 ratio: elastic | the copy | "
+        "p99 higher: elastic | the copy | extra steal, cores: elastic | the copy | "
+        "Spearman(elastic ratio, extra steal) |"
+    )
+    print("|---|---|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---:|")
+    for cell in cells:
+        e, c = cell.elastic, cell.copy
+        print(
+            f"| {cell.name} | {cell.best} | {cell.env} | {len(e.throughput)} | "
+            f"{_median(e.throughput)} | {_median(c.throughput)} | "
+            f"{_counted(e.slower, len(e.throughput))} | {_counted(c.slower, len(c.throughput))} | "
+            f"{_median(e.p99)} | {_median(c.p99)} | "
+            f"{_counted(e.slower_p99, len(e.p99))} | {_counted(c.slower_p99, len(c.p99))} | "
+            f"{_median(e.extra_steal, 3)} | {_median(c.extra_steal, 3)} | {_correlation(e)} |"
+        )
+    print()
+    print(f"All {len(cells)} runs together (medians of per-round ratios; sign tests two-sided):")
+    print(_pooled(cells, "elastic"))
+    print(_pooled(cells, "copy"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""``benchmarks/over_runs.py``: one cell of several saved runs, round by round."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+LATE_RUN = RESULTS / "coordination-2026-12-03-late-control.json"
+NUMPY_RUN = RESULTS / "coordination-2026-12-03-numpy-control.json"
+NO_CONTROL_RUN = RESULTS / "coordination-2026-12-01.json"
+
+
+@pytest.fixture
+def over_runs(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its neighbours as a script does
+    return importlib.import_module("over_runs")
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "over_runs.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("rounds", [1, 5, 10, 13])
+def test_sign_test_is_the_two_sided_tail_of_every_outcome(
+    over_runs: ModuleType, rounds: int
+) -> None:
+    """Checked against enumerating every sequence of better and worse rounds."""
+    outcomes = list(itertools.product((0, 1), repeat=rounds))
+    for worse in range(rounds + 1):
+        extreme = abs(worse - rounds / 2)
+        as_extreme = sum(1 for o in outcomes if abs(sum(o) - rounds / 2) >= extreme)
+        expected = as_extreme / len(outcomes)
+        assert over_runs.sign_test(worse, rounds) == pytest.approx(expected)
+    assert over_runs.sign_test(0, 0) == 1.0
+    with pytest.raises(ValueError, match="6 worse of 5 rounds"):
+        over_runs.sign_test(6, 5)
+
+
+def _row(stdout: str, name: str) -> list[str]:
+    line = next(line for line in stdout.splitlines() if line.startswith(f"| {name} |"))
+    return [field.strip() for field in line.strip("|").split("|")]
+
+
+def test_the_rows_match_the_report_s_own_comparisons_and_raw_cells() -> None:
+    """Per-round ratios from the summaries agree with those the benchmark saved, and the
+    extra steal with the raw cells read here independently."""
+    result = run_script("--workload", "numpy", "--clients", "1", str(LATE_RUN), str(NUMPY_RUN))
+    assert result.returncode == 0, result.stderr
+    for path in (LATE_RUN, NUMPY_RUN):
+        report = json.loads(path.read_text())
+        comparison = next(
+            c for c in report["comparisons"] if c["workload"] == "numpy" and c["concurrency"] == 1
+        )
+        fields = _row(result.stdout, path.stem)
+        rounds = len(comparison["round_ratios"])
+        assert fields[1] == comparison["best_static"] == "static C=1 T=2"
+        assert fields[2] == "obt 20, spin 10000"
+        assert fields[3] == str(rounds)
+        assert float(fields[4]) == pytest.approx(
+            statistics.median(comparison["round_ratios"]), abs=0.006
+        )
+        assert float(fields[5]) == pytest.approx(
+            statistics.median(comparison["control_round_ratios"]), abs=0.006
+        )
+        slower = sum(r < 1 for r in comparison["round_ratios"])
+        assert fields[6] == f"{slower} of {rounds}"
+        p99_higher = sum(r > 1 for r in comparison["control_p99_round_ratios"])
+        assert fields[11] == f"{p99_higher} of {rounds}"
+
+        def steal(mode: str, report: dict[str, object] = report) -> dict[int, float]:
+            cells = report["raw_cells"]
+            assert isinstance(cells, list)
+            return {
+                c["round"]: c["steal_cores"]
+                for c in cells
+                if c["workload"] == "numpy" and c["concurrency"] == 1 and c["mode"] == mode
+            }
+
+        elastic, split = steal("elastic"), steal("static-2")
+        extra = statistics.median(elastic[r] - split[r] for r in split)
+        assert float(fields[12]) == pytest.approx(extra, abs=0.0006)
+    assert "All 2 runs together" in result.stdout
+
+
+def test_pooled_counts_add_the_runs_up() -> None:
+    both = run_script("--workload", "numpy", "--clients", "1", str(LATE_RUN), str(NUMPY_RUN))
+    assert both.returncode == 0, both.stderr
+    slower = [_row(both.stdout, p.stem)[6].split(" of ") for p in (LATE_RUN, NUMPY_RUN)]
+    worse, rounds = sum(int(s[0]) for s in slower), sum(int(s[1]) for s in slower)
+    pooled = next(line for line in both.stdout.splitlines() if line.startswith("  elastic:"))
+    assert f"slower than the split in {worse} of {rounds} rounds" in pooled
+
+
+def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
+    result = run_script("--workload", "numpy", "--clients", "1", str(NO_CONTROL_RUN), str(LATE_RUN))
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {NO_CONTROL_RUN.name}: no copy of the best split" in result.stderr
+    assert "All 1 runs together" in result.stdout
+
+    alone = run_script("--workload", "numpy", "--clients", "1", str(NO_CONTROL_RUN))
+    assert alone.returncode == 1
+    assert "no report has numpy at 1 clients with a copy" in alone.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--clients", "1"], "the following arguments are required: --workload"),
+        (["--workload", "numpy", "--clients", "x"], "invalid int value: 'x'"),
+        (["--workload", "torch", "--clients", "1"], "invalid choice: 'torch'"),
+    ],
+)
+def test_bad_arguments_are_named(args: list[str], message: str) -> None:
+    result = run_script(*args, str(LATE_RUN))
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_file_that_is_not_a_report_is_named(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text('{"comparisons": [{"workload": "numpy"}]}')
+    result = run_script("--workload", "numpy", "--clients", "1", str(bogus))
+    assert result.returncode == 1
+    assert f"{bogus}: not a coordination.py report" in result.stderr
