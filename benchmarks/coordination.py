@@ -115,6 +115,8 @@ class Mode:
     wait: Literal["auto", "active"] = "auto"
     # OPENBLAS_THREAD_TIMEOUT set before the plan, which keeps it (--elastic-openblas-timeouts).
     openblas_timeout: int | None = None
+    # GOMP_SPINCOUNT set before the plan, which keeps it (--elastic-gomp-spincounts).
+    gomp_spincount: int | None = None
 
     @property
     def is_static(self) -> bool:
@@ -132,6 +134,8 @@ class Mode:
             return "active wait"
         if self.openblas_timeout is not None:
             return f"OpenBLAS timeout 2^{self.openblas_timeout}"
+        if self.gomp_spincount is not None:
+            return f"GOMP spin count {self.gomp_spincount}"
         return ""
 
     def label(self, budget: int) -> str:
@@ -159,21 +163,27 @@ ACTIVE_SUFFIX = "+active"
 OPENBLAS_TIMEOUT_PREFIX = "+obt"
 # OpenBLAS reads OPENBLAS_THREAD_TIMEOUT as 2^N cycles and clamps N to this range.
 OPENBLAS_TIMEOUTS = range(4, 31)
+GOMP_SPINCOUNT_PREFIX = "+spin"
+# libgomp takes any count; past 10^9 spins a thread never sleeps between requests in practice.
+GOMP_SPINCOUNTS = range(0, 10**9 + 1)
 
 
 def all_modes(
     budget: int,
+    *,
     control: bool = False,
     pin: bool = False,
     active_elastic: bool = False,
     openblas_timeouts: Sequence[int] = (),
+    gomp_spincounts: Sequence[int] = (),
 ) -> list[Mode]:
     """Every mode of a run; with *pin* every slot mode (static and elastic) pins its slots.
 
     Elastic variants, each the same slots in a process of its own: *active_elastic* plans with
     ``wait_policy="active"`` (the native pools spin as their libraries' defaults say instead of
     the passive plan); each of *openblas_timeouts* keeps the passive plan but sets
-    ``OPENBLAS_THREAD_TIMEOUT`` to it first, which the plan keeps.
+    ``OPENBLAS_THREAD_TIMEOUT`` to it first, which the plan keeps; each of *gomp_spincounts*
+    does the same with ``GOMP_SPINCOUNT``.
     """
     grid = static_grid(budget)
     pinned = PIN_SUFFIX if pin else ""
@@ -201,6 +211,15 @@ def all_modes(
             )
             for n in openblas_timeouts
         ),
+        *(
+            Mode(
+                f"elastic{GOMP_SPINCOUNT_PREFIX}{n}{pinned}",
+                "elastic",
+                pinned=pin,
+                gomp_spincount=n,
+            )
+            for n in gomp_spincounts
+        ),
         *(copies if control else []),
     ]
 
@@ -216,6 +235,9 @@ def mode_from_key(key: str) -> Mode:
     timeout = key.removeprefix(f"elastic{OPENBLAS_TIMEOUT_PREFIX}")
     if timeout != key and timeout.isdigit() and int(timeout) in OPENBLAS_TIMEOUTS:
         return Mode(key, "elastic", openblas_timeout=int(timeout))
+    spins = key.removeprefix(f"elastic{GOMP_SPINCOUNT_PREFIX}")
+    if spins != key and spins.isdigit() and int(spins) in GOMP_SPINCOUNTS:
+        return Mode(key, "elastic", gomp_spincount=int(spins))
     if key.startswith("static-") and key.endswith(COPY_SUFFIX):
         return dataclasses.replace(
             mode_from_key(key.removesuffix(COPY_SUFFIX)), key=key, control=True
@@ -699,6 +721,8 @@ def mode_env(mode: Mode) -> dict[str, str]:
         env.update(dict.fromkeys(OMP1_VARS, "1"))
     if mode.openblas_timeout is not None:
         env["OPENBLAS_THREAD_TIMEOUT"] = str(mode.openblas_timeout)
+    if mode.gomp_spincount is not None:
+        env["GOMP_SPINCOUNT"] = str(mode.gomp_spincount)
     return env
 
 
@@ -908,6 +932,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         pin=args.pin,
         active_elastic=args.active_elastic,
         openblas_timeouts=args.elastic_openblas_timeouts,
+        gomp_spincounts=args.elastic_gomp_spincounts,
     )
     machine = machine_info(budget)
     machine["loadavg_before"] = load_before
@@ -1014,6 +1039,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     stem += "-pinned" if args.pin else ""
     stem += "-active" if args.active_elastic else ""
     stem += "".join(f"-obt{n}" for n in args.elastic_openblas_timeouts)
+    stem += "".join(f"-spin{n}" for n in args.elastic_gomp_spincounts)
     stem += "-control" if args.control else ""
     if tuple(args.levels) != LEVELS:
         stem += "-n" + "-".join(map(str, args.levels))
@@ -1412,10 +1438,15 @@ def _variant_text(key: str, budget: int) -> tuple[str, str, str]:
             "whose plan leaves the libraries' own wait policy (OpenBLAS and libgomp threads "
             "spin after their work, as their defaults say) instead of elastic's passive plan"
         )
-    else:
+    elif mode.openblas_timeout is not None:
         how = (
             f"whose passive plan keeps OPENBLAS_THREAD_TIMEOUT={mode.openblas_timeout} (OpenBLAS's "
             f"threads spin 2^{mode.openblas_timeout} cycles after a call, then sleep) set before it"
+        )
+    else:
+        how = (
+            f"whose passive plan keeps GOMP_SPINCOUNT={mode.gomp_spincount} (libgomp's threads "
+            f"spin {mode.gomp_spincount} rounds after a parallel region, then sleep) set before it"
         )
     return (
         f"{mode.label(budget)} against the best static",
@@ -1505,6 +1536,16 @@ def parse_openblas_timeouts(text: str) -> list[int]:
     return sorted({int(p) for p in parts})
 
 
+def parse_gomp_spincounts(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(p.isdigit() and int(p) in GOMP_SPINCOUNTS for p in parts):
+        raise argparse.ArgumentTypeError(
+            "--elastic-gomp-spincounts wants whole numbers from 0 to 1000000000 separated by "
+            f"commas (libgomp's spin rounds), got {text!r}"
+        )
+    return sorted({int(p) for p in parts})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="one round, fewer requests")
@@ -1548,6 +1589,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N,N",
         help="also run elastic once per N with OPENBLAS_THREAD_TIMEOUT=N (2^N cycles of spin; "
         "4..30) under its passive plan, each compared with the best split as elastic is",
+    )
+    parser.add_argument(
+        "--elastic-gomp-spincounts",
+        type=parse_gomp_spincounts,
+        default=[],
+        metavar="N,N",
+        help="also run elastic once per N with GOMP_SPINCOUNT=N (libgomp's spin rounds before "
+        "a thread sleeps) under its passive plan, each compared with the best split as elastic is",
     )
     parser.add_argument(
         "--report",

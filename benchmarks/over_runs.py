@@ -37,6 +37,7 @@ from typing import Any
 import coordination  # this directory is on sys.path when run as a script
 from service_times import spearman
 
+WORKLOAD_ORDER = {"numpy": 0, "minilm": 1}
 WAIT_VARIABLES = {"OPENBLAS_THREAD_TIMEOUT": "obt", "GOMP_SPINCOUNT": "spin"}
 
 
@@ -147,9 +148,8 @@ def _pair(
     )
 
 
-def read_cell(path: Path, workload: str, clients: int) -> RunCell | str:
+def read_cell(name: str, report: dict[str, Any], workload: str, clients: int) -> RunCell | str:
     """The cell of one report, or why it has none."""
-    report = json.loads(path.read_text())
     comparison = next(
         (
             c
@@ -182,7 +182,7 @@ def read_cell(path: Path, workload: str, clients: int) -> RunCell | str:
     copy = _pair(report, workload, clients, copy_key, best)
     if elastic is None or copy is None:
         return "elastic or the copy did not run this cell"
-    return RunCell(path.stem, label, _env_text(report, workload, elastic_key), elastic, copy)
+    return RunCell(name, label, _env_text(report, workload, elastic_key), elastic, copy)
 
 
 def _median(values: Sequence[float], digits: int = 2) -> str:
@@ -202,51 +202,50 @@ def _correlation(pairing: Pairing) -> str:
     return "-" if math.isnan(rho) else f"{rho:.2f}"
 
 
-def _pooled(cells: Sequence[RunCell], which: str) -> str:
-    pairings = [getattr(cell, which) for cell in cells]
-    rounds = sum(len(p.throughput) for p in pairings)
-    slower = sum(p.slower for p in pairings)
-    slower_p99 = sum(p.slower_p99 for p in pairings)
-    steal_rounds = sum(p.steal_differed for p in pairings)
-    more_steal = sum(p.more_steal for p in pairings)
-    ratios = [r for p in pairings for r in p.throughput]
-    steal = (
-        f"more steal than the split in {more_steal} of the {steal_rounds} rounds where "
-        f"the two differed (p = {sign_test(more_steal, steal_rounds):.3f})"
-        if steal_rounds
-        else "steal not recorded"
-    )
-    return (
-        f"  {which}: slower than the split in {slower} of {rounds} rounds "
-        f"(p = {sign_test(slower, rounds):.3f}), median ratio {_median(ratios)}; "
-        f"p99 higher in {slower_p99} of {rounds} (p = {sign_test(slower_p99, rounds):.3f}); "
-        f"{steal}"
-    )
+@dataclass(frozen=True)
+class Pooled:
+    """One mode's rounds of a cell over every run, against the best split."""
 
+    rounds: int
+    slower: int
+    slower_p99: int
+    steal_rounds: int  # rounds where the two cells' steal differed
+    more_steal: int
+    throughput: str  # median per-round ratios
+    p99: str
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("reports", type=Path, nargs="+", help="coordination.py runs' .json")
-    parser.add_argument("--workload", choices=("numpy", "minilm"), required=True)
-    parser.add_argument("--clients", type=int, required=True, help="the concurrency level")
-    args = parser.parse_args(argv)
-    cells: list[RunCell] = []
-    for path in args.reports:
-        try:
-            cell = read_cell(path, args.workload, args.clients)
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as error:
-            print(f"{path}: not a coordination.py report ({error!r})", file=sys.stderr)
-            return 1
-        if isinstance(cell, str):
-            print(f"skipped {path.name}: {cell}", file=sys.stderr)
-        else:
-            cells.append(cell)
-    if not cells:
-        print(
-            f"no report has {args.workload} at {args.clients} clients with a copy", file=sys.stderr
+    @classmethod
+    def of(cls, pairings: Sequence[Pairing]) -> Pooled:
+        return cls(
+            rounds=sum(len(p.throughput) for p in pairings),
+            slower=sum(p.slower for p in pairings),
+            slower_p99=sum(p.slower_p99 for p in pairings),
+            steal_rounds=sum(p.steal_differed for p in pairings),
+            more_steal=sum(p.more_steal for p in pairings),
+            throughput=_median([r for p in pairings for r in p.throughput]),
+            p99=_median([r for p in pairings for r in p.p99]),
         )
-        return 1
 
+    def count(self, worse: int, of: int | None = None) -> str:
+        of = self.rounds if of is None else of
+        return f"{worse} of {of} (p = {sign_test(worse, of):.3f})" if of else "-"
+
+    def sentence(self, which: str) -> str:
+        steal = (
+            f"more steal than the split in {self.count(self.more_steal, self.steal_rounds)} "
+            "rounds where the two differed"
+            if self.steal_rounds
+            else "steal not recorded"
+        )
+        return (
+            f"  {which}: slower than the split in {self.count(self.slower)} rounds, median "
+            f"ratio {self.throughput}; p99 higher in {self.count(self.slower_p99)}, median "
+            f"ratio {self.p99}; {steal}"
+        )
+
+
+def print_runs(cells: Sequence[RunCell]) -> None:
+    """One cell: a row per run, then the rounds pooled."""
     print(
         "| run | best split | elastic env | rounds | req/s ratio: elastic | the copy | "
         "slower rounds: elastic | the copy | p99 ratio: elastic | the copy | "
@@ -266,8 +265,94 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     print(f"All {len(cells)} runs together (medians of per-round ratios; sign tests two-sided):")
-    print(_pooled(cells, "elastic"))
-    print(_pooled(cells, "copy"))
+    print(Pooled.of([cell.elastic for cell in cells]).sentence("elastic"))
+    print(Pooled.of([cell.copy for cell in cells]).sentence("copy"))
+
+
+def print_cells(by_cell: dict[tuple[str, int], list[RunCell]]) -> None:
+    """Every cell: its rounds over every run pooled, a row per cell."""
+    print(
+        "| workload | N | runs | rounds | slower than the split: elastic | the copy | "
+        "median req/s ratio: elastic | the copy | p99 higher: elastic | the copy | "
+        "median p99 ratio: elastic | the copy | more steal: elastic | the copy |"
+    )
+    print("|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---|---|")
+    for (workload, clients), cells in by_cell.items():
+        e = Pooled.of([cell.elastic for cell in cells])
+        c = Pooled.of([cell.copy for cell in cells])
+        print(
+            f"| {workload} | {clients} | {len(cells)} | {e.rounds} | {e.count(e.slower)} | "
+            f"{c.count(c.slower)} | {e.throughput} | {c.throughput} | "
+            f"{e.count(e.slower_p99)} | {c.count(c.slower_p99)} | {e.p99} | {c.p99} | "
+            f"{e.count(e.more_steal, e.steal_rounds)} | {c.count(c.more_steal, c.steal_rounds)} |"
+        )
+    print()
+    print(
+        "Rounds pooled over the runs; p: two-sided sign test against as likely worse as "
+        "better; more steal: of the rounds where the two cells' steal differed."
+    )
+
+
+def _levels(reports: Sequence[dict[str, Any]], workload: str | None) -> list[tuple[str, int]]:
+    return sorted(
+        {
+            (c["workload"], int(c["concurrency"]))
+            for report in reports
+            for c in report["comparisons"]
+            if workload is None or c["workload"] == workload
+        },
+        key=lambda cell: (WORKLOAD_ORDER.get(cell[0], len(WORKLOAD_ORDER)), cell),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("reports", type=Path, nargs="+", help="coordination.py runs' .json")
+    parser.add_argument("--workload", choices=tuple(WORKLOAD_ORDER), help="default: both")
+    parser.add_argument(
+        "--clients", type=int, help="one concurrency level: a row per run (default: every cell)"
+    )
+    args = parser.parse_args(argv)
+    if args.clients is not None and args.workload is None:
+        parser.error("--clients needs --workload: a row per run is for one cell")
+    reports: list[tuple[Path, dict[str, Any]]] = []
+    for path in args.reports:
+        try:
+            reports.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError) as error:
+            print(f"{path}: not a coordination.py report ({error!r})", file=sys.stderr)
+            return 1
+    try:
+        wanted = (
+            [(args.workload, args.clients)]
+            if args.clients is not None
+            else _levels([report for _, report in reports], args.workload)
+        )
+        by_cell: dict[tuple[str, int], list[RunCell]] = {}
+        used: set[Path] = set()
+        why: dict[Path, str] = {}
+        for workload, clients in wanted:
+            for path, report in reports:
+                cell = read_cell(path.stem, report, workload, clients)
+                if isinstance(cell, str):
+                    why.setdefault(path, cell)
+                else:
+                    by_cell.setdefault((workload, clients), []).append(cell)
+                    used.add(path)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
+        print(f"{path}: not a coordination.py report ({error!r})", file=sys.stderr)
+        return 1
+    for path, reason in why.items():
+        if path not in used:
+            print(f"skipped {path.name}: {reason}", file=sys.stderr)
+    if not by_cell:
+        cell_text = f"{args.workload} at {args.clients} clients" if args.clients else "a cell"
+        print(f"no report has {cell_text} with a copy", file=sys.stderr)
+        return 1
+    if args.clients is not None:
+        print_runs(by_cell[(args.workload, args.clients)])
+    else:
+        print_cells(by_cell)
     return 0
 
 

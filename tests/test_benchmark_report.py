@@ -501,6 +501,53 @@ def test_openblas_timeouts_on_the_command_line_are_checked() -> None:
             bench.parse_openblas_timeouts(bad)
 
 
+def test_gomp_spincount_variants_set_the_count_and_the_plan_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench = load_benchmark()
+    modes = bench.all_modes(2, openblas_timeouts=[20], gomp_spincounts=[100000, 300000])
+    assert [m.key for m in modes if m.kind == "elastic"] == [
+        "elastic",
+        "elastic+obt20",
+        "elastic+spin100000",
+        "elastic+spin300000",
+    ]
+    spin = bench.mode_from_key("elastic+spin300000")
+    assert (spin.kind, spin.gomp_spincount, spin.is_elastic) == ("elastic", 300000, False)
+    assert spin.label(2) == "elastic, GOMP spin count 300000"
+    assert bench.mode_from_key("elastic+spin0+pin").gomp_spincount == 0
+    title, text, short = bench._variant_text("elastic+spin300000", 2)
+    assert title == "elastic, GOMP spin count 300000 against the best static"
+    assert "keeps GOMP_SPINCOUNT=300000" in text
+    assert short == "GOMP spin count 300000 variant"
+    assert all(bench.mode_from_key(m.key) == m for m in modes)
+    env = bench.mode_env(spin)
+    assert env["GOMP_SPINCOUNT"] == "300000"
+    assert "GOMP_SPINCOUNT" not in bench.mode_env(bench.mode_from_key("elastic"))
+    for bad in ("elastic+spin", "elastic+spin-1", "elastic+spin1000000001", "elastic+spinx"):
+        with pytest.raises(ValueError, match="unknown mode"):
+            bench.mode_from_key(bad)
+    assert bench.parse_gomp_spincounts("300000, 0,0") == [0, 300000]
+    for text in ("", "-5", "1000000001", "1e5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="from 0 to 1000000000"):
+            bench.parse_gomp_spincounts(text)
+
+    # The worker's passive plan keeps the count it was started with, as for a user's own.
+    from threadbudget import make_plan
+    from threadbudget._envvars import planned_values
+
+    planned = planned_values(make_plan(2, concurrency=2, wait_policy=spin.wait))
+    assert planned["GOMP_SPINCOUNT"] == "10000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", env["GOMP_SPINCOUNT"])
+    import threadbudget
+
+    applied = threadbudget.apply_plan(make_plan(2, concurrency=2, wait_policy=spin.wait))
+    try:
+        assert os.environ["GOMP_SPINCOUNT"] == "300000"
+    finally:
+        applied.restore()
+
+
 def test_active_elastic_worker_leaves_the_wait_variables_to_the_libraries() -> None:
     """The twin differs from elastic in its plan's wait policy and nothing else."""
     bench = load_benchmark()
