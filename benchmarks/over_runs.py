@@ -226,21 +226,22 @@ class Pooled:
             p99=_median([r for p in pairings for r in p.p99]),
         )
 
-    def count(self, worse: int, of: int | None = None) -> str:
+    def count(self, worse: int, of: int | None = None, unit: str = "") -> str:
+        """ "*worse* of *of* [unit] (p = sign test)", *of* defaulting to every round."""
         of = self.rounds if of is None else of
-        return f"{worse} of {of} (p = {sign_test(worse, of):.3f})" if of else "-"
+        return f"{worse} of {of}{unit} (p = {sign_test(worse, of):.3f})" if of else "-"
 
     def sentence(self, which: str) -> str:
         steal = (
-            f"more steal than the split in {self.count(self.more_steal, self.steal_rounds)} "
-            "rounds where the two differed"
+            "more steal than the split in "
+            f"{self.count(self.more_steal, self.steal_rounds, ' rounds where the two differed')}"
             if self.steal_rounds
             else "steal not recorded"
         )
         return (
-            f"  {which}: slower than the split in {self.count(self.slower)} rounds, median "
-            f"ratio {self.throughput}; p99 higher in {self.count(self.slower_p99)}, median "
-            f"ratio {self.p99}; {steal}"
+            f"  {which}: slower than the split in {self.count(self.slower, unit=' rounds')}, "
+            f"median ratio {self.throughput}; p99 higher in "
+            f"{self.count(self.slower_p99, unit=' rounds')}, median ratio {self.p99}; {steal}"
         )
 
 

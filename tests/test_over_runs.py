@@ -104,7 +104,28 @@ def test_pooled_counts_add_the_runs_up() -> None:
     slower = [_row(both.stdout, p.stem)[6].split(" of ") for p in (LATE_RUN, NUMPY_RUN)]
     worse, rounds = sum(int(s[0]) for s in slower), sum(int(s[1]) for s in slower)
     pooled = next(line for line in both.stdout.splitlines() if line.startswith("  elastic:"))
-    assert f"slower than the split in {worse} of {rounds} rounds" in pooled
+    assert f"slower than the split in {worse} of {rounds} rounds (p = " in pooled
+
+
+def test_without_clients_every_cell_pools_its_rounds_as_the_one_cell_view_does() -> None:
+    every = run_script(str(LATE_RUN), str(NUMPY_RUN))
+    assert every.returncode == 0, every.stderr
+    rows = [line for line in every.stdout.splitlines() if line.startswith("| numpy |")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "2", "4", "10", "32"]
+    minilm = [line for line in every.stdout.splitlines() if line.startswith("| minilm |")]
+    assert len(minilm) == 5  # only the late run has MiniLM: one run per row
+    assert all(row.split(" | ")[2] == "1" for row in minilm)
+    for row in rows:
+        clients = row.split(" | ")[1]
+        one = run_script("--workload", "numpy", "--clients", clients, str(LATE_RUN), str(NUMPY_RUN))
+        pooled = next(line for line in one.stdout.splitlines() if line.startswith("  elastic:"))
+        fields = [field.strip() for field in row.strip("|").split("|")]
+        assert fields[2:4] == ["2", "20"]  # runs, rounds
+        assert f"slower than the split in {fields[4].replace(' (p', ' rounds (p')}" in pooled
+        assert f"median ratio {fields[6]};" in pooled
+
+    numpy_only = run_script("--workload", "numpy", str(LATE_RUN))
+    assert "| minilm |" not in numpy_only.stdout
 
 
 def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
@@ -121,7 +142,7 @@ def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--clients", "1"], "the following arguments are required: --workload"),
+        (["--clients", "1"], "--clients needs --workload: a row per run is for one cell"),
         (["--workload", "numpy", "--clients", "x"], "invalid int value: 'x'"),
         (["--workload", "torch", "--clients", "1"], "invalid choice: 'torch'"),
     ],
