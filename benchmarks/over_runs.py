@@ -1,13 +1,15 @@
-"""One cell of several saved coordination runs, round by round: elastic and the split's copy.
+"""Cells of several saved coordination runs, round by round: elastic and the split's copy.
 
-Run ``python benchmarks/over_runs.py --workload numpy --clients 1 REPORT.json [REPORT.json ...]``
-(reads the reports' summaries and raw cells; runs nothing).
+Run ``python benchmarks/over_runs.py [--workload numpy] [--clients 1] REPORT.json ...`` (reads
+the reports' summaries and raw cells; runs nothing).
 
 A single run's ratio at one cell moves with the host from run to run, so a cell that misses a
 target in one run and meets it in the next says little by itself. Every run with ``--control``
 also ran a second process of the best split, which differs from it in nothing, so the rounds of
 many runs together can say whether elastic falls behind the split more often than the copy does.
-For each report that has the cell, elastic as deployed and the copy, this prints:
+
+With ``--workload`` and ``--clients``, for each report that has the cell, elastic as deployed
+and the copy, this prints:
 
 * elastic's and the copy's median per-round ratio to the best split (throughput and p99), and
   in how many rounds each did worse than the split (lower throughput, higher p99);
@@ -15,10 +17,12 @@ For each report that has the cell, elastic as deployed and the copy, this prints
   during the split's in the same round, the copy's likewise, and Spearman's correlation between
   elastic's per-round throughput ratio and that difference;
 * the environment elastic's worker ran with (OpenBLAS's timeout, libgomp's spin count), since
-  the runs span changes of the passive plan.
+  the runs span changes of the passive plan;
 
-Last, the rounds of all reports together, with a two-sided sign test against "as likely worse
-as better". Reports from before the benchmark recorded steal show "-" there.
+then the rounds of all reports together, with two-sided sign tests against "as likely worse
+as better". Without ``--clients``, the pooled counts of every cell, a row each. Steal counts
+take the rounds in which the two cells' steal differed by ``--steal-margin`` cores or more.
+Reports from before the benchmark recorded steal show "-" there.
 """
 
 from __future__ import annotations
@@ -66,15 +70,12 @@ class Pairing:
     def slower_p99(self) -> int:
         return sum(r > 1 for r in self.p99)
 
-    @property
-    def more_steal(self) -> int:
-        return sum(s > 0 for s in self.extra_steal)
+    def more_steal(self, margin: float) -> int:
+        """Rounds in which the mode's cell lost at least *margin* cores more to steal."""
+        return sum(s >= margin for s in self.extra_steal)
 
-    @property
-    def steal_differed(self) -> int:
-        """Rounds whose two cells' steal differed: /proc/stat counts whole ticks, so two
-        quiet cells often both read 0, a tie that says nothing either way."""
-        return sum(s != 0 for s in self.extra_steal)
+    def less_steal(self, margin: float) -> int:
+        return sum(s <= -margin for s in self.extra_steal)
 
 
 @dataclass(frozen=True)
@@ -209,19 +210,19 @@ class Pooled:
     rounds: int
     slower: int
     slower_p99: int
-    steal_rounds: int  # rounds where the two cells' steal differed
+    steal_rounds: int  # rounds where the two cells' steal differed by the margin or more
     more_steal: int
     throughput: str  # median per-round ratios
     p99: str
 
     @classmethod
-    def of(cls, pairings: Sequence[Pairing]) -> Pooled:
+    def of(cls, pairings: Sequence[Pairing], margin: float) -> Pooled:
         return cls(
             rounds=sum(len(p.throughput) for p in pairings),
             slower=sum(p.slower for p in pairings),
             slower_p99=sum(p.slower_p99 for p in pairings),
-            steal_rounds=sum(p.steal_differed for p in pairings),
-            more_steal=sum(p.more_steal for p in pairings),
+            steal_rounds=sum(p.more_steal(margin) + p.less_steal(margin) for p in pairings),
+            more_steal=sum(p.more_steal(margin) for p in pairings),
             throughput=_median([r for p in pairings for r in p.throughput]),
             p99=_median([r for p in pairings for r in p.p99]),
         )
@@ -231,12 +232,13 @@ class Pooled:
         of = self.rounds if of is None else of
         return f"{worse} of {of}{unit} (p = {sign_test(worse, of):.3f})" if of else "-"
 
-    def sentence(self, which: str) -> str:
+    def sentence(self, which: str, margin: float) -> str:
         steal = (
-            "more steal than the split in "
-            f"{self.count(self.more_steal, self.steal_rounds, ' rounds where the two differed')}"
+            f"steal {margin:g} core or more above the split's in "
+            f"{self.count(self.more_steal, self.steal_rounds)} rounds where it was that far "
+            "above or below"
             if self.steal_rounds
-            else "steal not recorded"
+            else f"steal never {margin:g} core apart (or not recorded)"
         )
         return (
             f"  {which}: slower than the split in {self.count(self.slower, unit=' rounds')}, "
@@ -245,7 +247,7 @@ class Pooled:
         )
 
 
-def print_runs(cells: Sequence[RunCell]) -> None:
+def print_runs(cells: Sequence[RunCell], margin: float) -> None:
     """One cell: a row per run, then the rounds pooled."""
     print(
         "| run | best split | elastic env | rounds | req/s ratio: elastic | the copy | "
@@ -266,21 +268,22 @@ def print_runs(cells: Sequence[RunCell]) -> None:
         )
     print()
     print(f"All {len(cells)} runs together (medians of per-round ratios; sign tests two-sided):")
-    print(Pooled.of([cell.elastic for cell in cells]).sentence("elastic"))
-    print(Pooled.of([cell.copy for cell in cells]).sentence("copy"))
+    print(Pooled.of([cell.elastic for cell in cells], margin).sentence("elastic", margin))
+    print(Pooled.of([cell.copy for cell in cells], margin).sentence("copy", margin))
 
 
-def print_cells(by_cell: dict[tuple[str, int], list[RunCell]]) -> None:
+def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float) -> None:
     """Every cell: its rounds over every run pooled, a row per cell."""
     print(
         "| workload | N | runs | rounds | slower than the split: elastic | the copy | "
         "median req/s ratio: elastic | the copy | p99 higher: elastic | the copy | "
-        "median p99 ratio: elastic | the copy | more steal: elastic | the copy |"
+        f"median p99 ratio: elastic | the copy | steal {margin:g}+ core above: elastic | "
+        "the copy |"
     )
     print("|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---|---|")
     for (workload, clients), cells in by_cell.items():
-        e = Pooled.of([cell.elastic for cell in cells])
-        c = Pooled.of([cell.copy for cell in cells])
+        e = Pooled.of([cell.elastic for cell in cells], margin)
+        c = Pooled.of([cell.copy for cell in cells], margin)
         print(
             f"| {workload} | {clients} | {len(cells)} | {e.rounds} | {e.count(e.slower)} | "
             f"{c.count(c.slower)} | {e.throughput} | {c.throughput} | "
@@ -290,7 +293,8 @@ def print_cells(by_cell: dict[tuple[str, int], list[RunCell]]) -> None:
     print()
     print(
         "Rounds pooled over the runs; p: two-sided sign test against as likely worse as "
-        "better; more steal: of the rounds where the two cells' steal differed."
+        f"better; steal above: rounds in which the mode's cell lost {margin:g} core or more "
+        "to steal beyond the split's, of those in which the two were that far apart."
     )
 
 
@@ -313,7 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clients", type=int, help="one concurrency level: a row per run (default: every cell)"
     )
+    parser.add_argument(
+        "--steal-margin",
+        type=float,
+        default=0.1,
+        help="cores of steal by which two cells must differ to count (0.1)",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.steal_margin <= 2:
+        parser.error(f"--steal-margin must be above 0 and at most 2 cores, got {args.steal_margin}")
     if args.clients is not None and args.workload is None:
         parser.error("--clients needs --workload: a row per run is for one cell")
     reports: list[tuple[Path, dict[str, Any]]] = []
@@ -351,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no report has {cell_text} with a copy", file=sys.stderr)
         return 1
     if args.clients is not None:
-        print_runs(by_cell[(args.workload, args.clients)])
+        print_runs(by_cell[(args.workload, args.clients)], args.steal_margin)
     else:
-        print_cells(by_cell)
+        print_cells(by_cell, args.steal_margin)
     return 0
 
 

@@ -128,6 +128,26 @@ def test_without_clients_every_cell_pools_its_rounds_as_the_one_cell_view_does()
     assert "| minilm |" not in numpy_only.stdout
 
 
+def test_steal_counts_take_the_rounds_apart_by_the_margin() -> None:
+    report = json.loads(LATE_RUN.read_text())
+    steal = {
+        (c["mode"], c["round"]): c["steal_cores"]
+        for c in report["raw_cells"]
+        if c["workload"] == "minilm" and c["concurrency"] == 1
+    }
+    extra = [steal[("elastic", r)] - steal[("static-2", r)] for r in range(10)]
+    above, below = sum(x >= 0.1 for x in extra), sum(x <= -0.1 for x in extra)
+    assert above + below > 0  # the saved run has rounds that far apart
+    result = run_script("--workload", "minilm", "--clients", "1", str(LATE_RUN))
+    pooled = next(line for line in result.stdout.splitlines() if line.startswith("  elastic:"))
+    assert f"steal 0.1 core or more above the split's in {above} of {above + below} " in pooled
+
+    wide = run_script(
+        "--workload", "minilm", "--clients", "1", "--steal-margin", "2", str(LATE_RUN)
+    )
+    assert "steal never 2 core apart" in wide.stdout
+
+
 def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
     result = run_script("--workload", "numpy", "--clients", "1", str(NO_CONTROL_RUN), str(LATE_RUN))
     assert result.returncode == 0, result.stderr
@@ -145,6 +165,7 @@ def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
         (["--clients", "1"], "--clients needs --workload: a row per run is for one cell"),
         (["--workload", "numpy", "--clients", "x"], "invalid int value: 'x'"),
         (["--workload", "torch", "--clients", "1"], "invalid choice: 'torch'"),
+        (["--steal-margin", "0"], "--steal-margin must be above 0 and at most 2 cores, got 0.0"),
     ],
 )
 def test_bad_arguments_are_named(args: list[str], message: str) -> None:
