@@ -100,11 +100,14 @@ def _env_text(report: dict[str, Any], workload: str, elastic: str) -> str:
     return "not recorded"
 
 
-def _elastic_and_copy(report: dict[str, Any], best: str) -> tuple[str | None, str | None]:
-    """Keys of elastic as deployed and of the copy of the split *best*, where the run has them."""
+def _elastic_and_copy(
+    report: dict[str, Any], best: str, mode: str | None
+) -> tuple[str | None, str | None]:
+    """Keys of *mode* (default: elastic as deployed) and of the copy of the split *best*,
+    where the run has them."""
     modes = [coordination.mode_from_key(m["key"]) for m in report["modes"]]
     split = dataclasses.replace(coordination.mode_from_key(best), key="")
-    elastic = next((m.key for m in modes if m.is_elastic), None)
+    elastic = next((m.key for m in modes if (m.key == mode if mode else m.is_elastic)), None)
     copy = next(
         (
             m.key
@@ -149,8 +152,11 @@ def _pair(
     )
 
 
-def read_cell(name: str, report: dict[str, Any], workload: str, clients: int) -> RunCell | str:
-    """The cell of one report, or why it has none."""
+def read_cell(
+    name: str, report: dict[str, Any], workload: str, clients: int, mode: str | None = None
+) -> RunCell | str:
+    """The cell of one report, with *mode* (default: elastic as deployed) against the best
+    split, or why it has none."""
     comparison = next(
         (
             c
@@ -174,15 +180,15 @@ def read_cell(name: str, report: dict[str, Any], workload: str, clients: int) ->
         return f"no summary for {label!r}"
     if any("throughput_by_round" not in s for s in report["summaries"]):
         return "no per-round figures (a report from before they were kept)"
-    elastic_key, copy_key = _elastic_and_copy(report, best)
+    elastic_key, copy_key = _elastic_and_copy(report, best, mode)
     if elastic_key is None:
-        return "no elastic mode"
+        return f"no mode {mode!r}" if mode else "no elastic mode"
     if copy_key is None:
         return "no copy of the best split (a run without --control)"
     elastic = _pair(report, workload, clients, elastic_key, best)
     copy = _pair(report, workload, clients, copy_key, best)
     if elastic is None or copy is None:
-        return "elastic or the copy did not run this cell"
+        return f"{mode or 'elastic'} or the copy did not run this cell"
     return RunCell(name, label, _env_text(report, workload, elastic_key), elastic, copy)
 
 
@@ -235,8 +241,9 @@ class Pooled:
     def sentence(self, which: str, margin: float) -> str:
         steal = (
             f"steal {margin:g} core or more above the split's in "
-            f"{self.count(self.more_steal, self.steal_rounds)} rounds where it was that far "
-            "above or below"
+            + self.count(
+                self.more_steal, self.steal_rounds, " rounds where it was that far above or below"
+            )
             if self.steal_rounds
             else f"steal never {margin:g} core apart (or not recorded)"
         )
@@ -247,13 +254,14 @@ class Pooled:
         )
 
 
-def print_runs(cells: Sequence[RunCell], margin: float) -> None:
-    """One cell: a row per run, then the rounds pooled."""
+def print_runs(cells: Sequence[RunCell], margin: float, who: str) -> None:
+    """One cell: a row per run, then the rounds pooled; *who* names the mode set against the
+    split (elastic, or a variant's key)."""
     print(
-        "| run | best split | elastic env | rounds | req/s ratio: elastic | the copy | "
-        "slower rounds: elastic | the copy | p99 ratio: elastic | the copy | "
-        "p99 higher: elastic | the copy | extra steal, cores: elastic | the copy | "
-        "Spearman(elastic ratio, extra steal) |"
+        f"| run | best split | {who} env | rounds | req/s ratio: {who} | the copy | "
+        f"slower rounds: {who} | the copy | p99 ratio: {who} | the copy | "
+        f"p99 higher: {who} | the copy | extra steal, cores: {who} | the copy | "
+        f"Spearman({who} ratio, extra steal) |"
     )
     print("|---|---|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---:|")
     for cell in cells:
@@ -268,16 +276,16 @@ def print_runs(cells: Sequence[RunCell], margin: float) -> None:
         )
     print()
     print(f"All {len(cells)} runs together (medians of per-round ratios; sign tests two-sided):")
-    print(Pooled.of([cell.elastic for cell in cells], margin).sentence("elastic", margin))
+    print(Pooled.of([cell.elastic for cell in cells], margin).sentence(who, margin))
     print(Pooled.of([cell.copy for cell in cells], margin).sentence("copy", margin))
 
 
-def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float) -> None:
+def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float, who: str) -> None:
     """Every cell: its rounds over every run pooled, a row per cell."""
     print(
-        "| workload | N | runs | rounds | slower than the split: elastic | the copy | "
-        "median req/s ratio: elastic | the copy | p99 higher: elastic | the copy | "
-        f"median p99 ratio: elastic | the copy | steal {margin:g}+ core above: elastic | "
+        f"| workload | N | runs | rounds | slower than the split: {who} | the copy | "
+        f"median req/s ratio: {who} | the copy | p99 higher: {who} | the copy | "
+        f"median p99 ratio: {who} | the copy | steal {margin:g}+ core above: {who} | "
         "the copy |"
     )
     print("|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---|---|")
@@ -318,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         "--clients", type=int, help="one concurrency level: a row per run (default: every cell)"
     )
     parser.add_argument(
+        "--mode",
+        help="the mode set against the best split, by its key, e.g. elastic+spin300000 "
+        "(default: elastic as deployed)",
+    )
+    parser.add_argument(
         "--steal-margin",
         type=float,
         default=0.1,
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         why: dict[Path, str] = {}
         for workload, clients in wanted:
             for path, report in reports:
-                cell = read_cell(path.stem, report, workload, clients)
+                cell = read_cell(path.stem, report, workload, clients, args.mode)
                 if isinstance(cell, str):
                     why.setdefault(path, cell)
                 else:
@@ -358,14 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     for path, reason in why.items():
         if path not in used:
             print(f"skipped {path.name}: {reason}", file=sys.stderr)
+    who = args.mode or "elastic"
     if not by_cell:
         cell_text = f"{args.workload} at {args.clients} clients" if args.clients else "a cell"
         print(f"no report has {cell_text} with a copy", file=sys.stderr)
         return 1
     if args.clients is not None:
-        print_runs(by_cell[(args.workload, args.clients)], args.steal_margin)
+        print_runs(by_cell[(args.workload, args.clients)], args.steal_margin, who)
     else:
-        print_cells(by_cell, args.steal_margin)
+        print_cells(by_cell, args.steal_margin, who)
     return 0
 
 

@@ -148,6 +148,28 @@ def test_steal_counts_take_the_rounds_apart_by_the_margin() -> None:
     assert "steal never 2 core apart" in wide.stdout
 
 
+def test_mode_sets_a_variant_against_the_split_instead_of_elastic() -> None:
+    variant_run = RESULTS / "coordination-2026-12-03-active-obt20-obt24-control-n1-2.json"
+    report = json.loads(variant_run.read_text())
+    comparison = next(
+        c for c in report["comparisons"] if c["workload"] == "numpy" and c["concurrency"] == 1
+    )
+    ratios = comparison["variants"]["elastic+obt20"]["round_ratios"]
+    result = run_script(
+        "--mode", "elastic+obt20", "--workload", "numpy", "--clients", "1", str(variant_run)
+    )
+    assert result.returncode == 0, result.stderr
+    fields = _row(result.stdout, variant_run.stem)
+    assert fields[2] == "obt 20, spin 10000"  # the variant's own worker environment
+    assert float(fields[4]) == pytest.approx(statistics.median(ratios), abs=0.006)
+    assert fields[6] == f"{sum(r < 1 for r in ratios)} of {len(ratios)}"
+    assert "  elastic+obt20: slower than the split in" in result.stdout
+
+    missing = run_script("--mode", "elastic+obt20", str(LATE_RUN))
+    assert missing.returncode == 1
+    assert f"skipped {LATE_RUN.name}: no mode 'elastic+obt20'" in missing.stderr
+
+
 def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
     result = run_script("--workload", "numpy", "--clients", "1", str(NO_CONTROL_RUN), str(LATE_RUN))
     assert result.returncode == 0, result.stderr
