@@ -43,6 +43,9 @@ from service_times import spearman
 
 WORKLOAD_ORDER = {"numpy": 0, "minilm": 1}
 WAIT_VARIABLES = {"OPENBLAS_THREAD_TIMEOUT": "obt", "GOMP_SPINCOUNT": "spin"}
+REPORT_LISTS = ("comparisons", "summaries", "modes", "raw_cells")
+# What a malformed report raises anywhere in reading it: it is skipped and named.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError)
 
 
 def sign_test(worse: int, rounds: int) -> float:
@@ -55,27 +58,57 @@ def sign_test(worse: int, rounds: int) -> float:
 
 
 @dataclass(frozen=True)
-class Pairing:
-    """One mode's rounds against the best split's rounds of the same run."""
+class Signs:
+    """Rounds worse and better, ties left out, as a sign test takes them."""
 
-    throughput: list[float]  # per-round ratios, round order
+    worse: int = 0
+    better: int = 0
+
+    @classmethod
+    def of(cls, differences: Sequence[float]) -> Signs:
+        """*differences*: positive where worse, negative where better, 0 a tie."""
+        return cls(sum(d > 0 for d in differences), sum(d < 0 for d in differences))
+
+    def __add__(self, other: Signs) -> Signs:
+        return Signs(self.worse + other.worse, self.better + other.better)
+
+    def text(self, unit: str = "") -> str:
+        """ "worse of (worse + better)[unit] (p = ...)"; "-" where no round counts."""
+        counted = self.worse + self.better
+        if not counted:
+            return "-"
+        p = sign_test(self.worse, counted)
+        return f"{self.worse} of {counted}{unit} ({'p < 0.001' if p < 0.001 else f'p = {p:.3f}'})"
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One mode's rounds against the best split's rounds of the same run, round order."""
+
+    rounds: list[str]
+    throughput: list[float]  # the mode's over the split's, per round
     p99: list[float]
     extra_steal: list[float]  # cores, the mode's cell minus the split's; empty if not recorded
 
     @property
-    def slower(self) -> int:
-        return sum(r < 1 for r in self.throughput)
+    def slower(self) -> Signs:
+        return Signs.of([1 - r for r in self.throughput])
 
     @property
-    def slower_p99(self) -> int:
-        return sum(r > 1 for r in self.p99)
+    def slower_p99(self) -> Signs:
+        return Signs.of([r - 1 for r in self.p99])
 
-    def more_steal(self, margin: float) -> int:
-        """Rounds in which the mode's cell lost at least *margin* cores more to steal."""
-        return sum(s >= margin for s in self.extra_steal)
+    def more_steal(self, margin: float) -> Signs:
+        """Rounds whose two cells' steal was *margin* cores or more apart: the mode's above
+        (worse) or below. Nearer than that is a tie: /proc/stat counts whole ticks."""
+        return Signs.of([s if abs(s) >= margin else 0.0 for s in self.extra_steal])
 
-    def less_steal(self, margin: float) -> int:
-        return sum(s <= -margin for s in self.extra_steal)
+    def correlation(self) -> str:
+        """Spearman's rho of the throughput ratio with the extra steal, over the rounds."""
+        if not self.extra_steal:
+            return "-"
+        rho = spearman(self.throughput, self.extra_steal)
+        return "-" if math.isnan(rho) else f"{rho:.2f}"
 
 
 @dataclass(frozen=True)
@@ -83,14 +116,27 @@ class RunCell:
     name: str
     best: str
     env: str
-    elastic: Pairing
+    pinned: bool
+    elastic: Pairing  # elastic as deployed, or the mode of --mode
     copy: Pairing
 
+    def head_to_head(self) -> Signs:
+        """Rounds in which the mode served fewer requests/s than the copy: both ratios share
+        the split's round as denominator, so comparing them compares the two processes."""
+        copy = dict(zip(self.copy.rounds, self.copy.throughput, strict=True))
+        return Signs.of(
+            [
+                copy[r] - ours
+                for r, ours in zip(self.elastic.rounds, self.elastic.throughput, strict=True)
+                if r in copy
+            ]
+        )
 
-def _env_text(report: dict[str, Any], workload: str, elastic: str) -> str:
-    """The wait variables elastic's worker ran with; reports before they were kept say so."""
+
+def _env_text(report: dict[str, Any], workload: str, mode: str) -> str:
+    """The wait variables the mode's worker ran with; reports before they were kept say so."""
     for worker in report.get("workers", []):
-        if worker.get("workload") == workload and worker.get("mode") == elastic:
+        if worker.get("workload") == workload and worker.get("mode") == mode:
             env = worker.get("env") or {}
             if not all(name in env for name in WAIT_VARIABLES):
                 return "not recorded"
@@ -100,14 +146,16 @@ def _env_text(report: dict[str, Any], workload: str, elastic: str) -> str:
     return "not recorded"
 
 
-def _elastic_and_copy(
+def _mode_and_copy(
     report: dict[str, Any], best: str, mode: str | None
-) -> tuple[str | None, str | None]:
-    """Keys of *mode* (default: elastic as deployed) and of the copy of the split *best*,
-    where the run has them."""
+) -> tuple[coordination.Mode | None, str | None]:
+    """*mode* (default: elastic as deployed, unpinned) and the key of the copy of the split
+    *best*, where the run has them."""
     modes = [coordination.mode_from_key(m["key"]) for m in report["modes"]]
     split = dataclasses.replace(coordination.mode_from_key(best), key="")
-    elastic = next((m.key for m in modes if (m.key == mode if mode else m.is_elastic)), None)
+    ours = next(
+        (m for m in modes if (m.key == mode if mode else m.is_elastic and not m.pinned)), None
+    )
     copy = next(
         (
             m.key
@@ -116,7 +164,7 @@ def _elastic_and_copy(
         ),
         None,
     )
-    return elastic, copy
+    return ours, copy
 
 
 def _pair(
@@ -142,6 +190,7 @@ def _pair(
             steal[(run["mode"], int(run["round"]))] = float(run["steal_cores"])
     recorded = all((m, int(r)) in steal for m in (mode, best) for r in rounds)
     return Pairing(
+        rounds=rounds,
         throughput=[
             ours["throughput_by_round"][r] / theirs["throughput_by_round"][r] for r in rounds
         ],
@@ -178,18 +227,21 @@ def read_cell(
     )
     if best is None:
         return f"no summary for {label!r}"
-    if any("throughput_by_round" not in s for s in report["summaries"]):
+    if any(
+        "throughput_by_round" not in s or "p99_ms_by_round" not in s for s in report["summaries"]
+    ):
         return "no per-round figures (a report from before they were kept)"
-    elastic_key, copy_key = _elastic_and_copy(report, best, mode)
-    if elastic_key is None:
-        return f"no mode {mode!r}" if mode else "no elastic mode"
+    ours, copy_key = _mode_and_copy(report, best, mode)
+    if ours is None:
+        return f"no mode {mode!r}" if mode else "no unpinned elastic mode"
     if copy_key is None:
         return "no copy of the best split (a run without --control)"
-    elastic = _pair(report, workload, clients, elastic_key, best)
+    elastic = _pair(report, workload, clients, ours.key, best)
     copy = _pair(report, workload, clients, copy_key, best)
     if elastic is None or copy is None:
-        return f"{mode or 'elastic'} or the copy did not run this cell"
-    return RunCell(name, label, _env_text(report, workload, elastic_key), elastic, copy)
+        return f"{ours.key} or the copy did not run this cell"
+    env = _env_text(report, workload, ours.key)
+    return RunCell(name, label, env, ours.pinned, elastic, copy)
 
 
 def _median(values: Sequence[float], digits: int = 2) -> str:
@@ -198,26 +250,14 @@ def _median(values: Sequence[float], digits: int = 2) -> str:
     return f"{round(statistics.median(values), digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.000"
 
 
-def _counted(worse: int, rounds: int) -> str:
-    return f"{worse} of {rounds}" if rounds else "-"
-
-
-def _correlation(pairing: Pairing) -> str:
-    if not pairing.extra_steal:
-        return "-"
-    rho = spearman(pairing.throughput, pairing.extra_steal)
-    return "-" if math.isnan(rho) else f"{rho:.2f}"
-
-
 @dataclass(frozen=True)
 class Pooled:
     """One mode's rounds of a cell over every run, against the best split."""
 
     rounds: int
-    slower: int
-    slower_p99: int
-    steal_rounds: int  # rounds where the two cells' steal differed by the margin or more
-    more_steal: int
+    slower: Signs
+    slower_p99: Signs
+    more_steal: Signs
     throughput: str  # median per-round ratios
     p99: str
 
@@ -225,85 +265,107 @@ class Pooled:
     def of(cls, pairings: Sequence[Pairing], margin: float) -> Pooled:
         return cls(
             rounds=sum(len(p.throughput) for p in pairings),
-            slower=sum(p.slower for p in pairings),
-            slower_p99=sum(p.slower_p99 for p in pairings),
-            steal_rounds=sum(p.more_steal(margin) + p.less_steal(margin) for p in pairings),
-            more_steal=sum(p.more_steal(margin) for p in pairings),
+            slower=sum((p.slower for p in pairings), Signs()),
+            slower_p99=sum((p.slower_p99 for p in pairings), Signs()),
+            more_steal=sum((p.more_steal(margin) for p in pairings), Signs()),
             throughput=_median([r for p in pairings for r in p.throughput]),
             p99=_median([r for p in pairings for r in p.p99]),
         )
 
-    def count(self, worse: int, of: int | None = None, unit: str = "") -> str:
-        """ "*worse* of *of* [unit] (p = sign test)", *of* defaulting to every round."""
-        of = self.rounds if of is None else of
-        return f"{worse} of {of}{unit} (p = {sign_test(worse, of):.3f})" if of else "-"
-
     def sentence(self, which: str, margin: float) -> str:
         steal = (
             f"steal {margin:g} core or more above the split's in "
-            + self.count(
-                self.more_steal, self.steal_rounds, " rounds where it was that far above or below"
-            )
-            if self.steal_rounds
-            else f"steal never {margin:g} core apart (or not recorded)"
+            + self.more_steal.text(" rounds where the two were that far apart")
+            if self.more_steal.worse + self.more_steal.better
+            else f"steal never {margin:g} core or more apart (or not recorded)"
         )
         return (
-            f"  {which}: slower than the split in {self.count(self.slower, unit=' rounds')}, "
+            f"  {which}: slower than the split in {self.slower.text(' rounds')}, "
             f"median ratio {self.throughput}; p99 higher in "
-            f"{self.count(self.slower_p99, unit=' rounds')}, median ratio {self.p99}; {steal}"
+            f"{self.slower_p99.text(' rounds')}, median ratio {self.p99}; {steal}"
         )
+
+
+def head_to_head(cells: Sequence[RunCell]) -> Signs:
+    return sum((cell.head_to_head() for cell in cells), Signs())
+
+
+def _rounds(cell: RunCell) -> str:
+    ours, copy = len(cell.elastic.rounds), len(cell.copy.rounds)
+    return str(ours) if ours == copy else f"{ours} ({copy} for the copy)"
 
 
 def print_runs(cells: Sequence[RunCell], margin: float, who: str) -> None:
     """One cell: a row per run, then the rounds pooled; *who* names the mode set against the
     split (elastic, or a variant's key)."""
     print(
-        f"| run | best split | {who} env | rounds | req/s ratio: {who} | the copy | "
-        f"slower rounds: {who} | the copy | p99 ratio: {who} | the copy | "
-        f"p99 higher: {who} | the copy | extra steal, cores: {who} | the copy | "
-        f"Spearman({who} ratio, extra steal) |"
+        f"| run | best split | {who} env | rounds | median req/s ratio: {who} | the copy | "
+        f"slower rounds: {who} | the copy | median p99 ratio: {who} | the copy | "
+        f"p99 higher: {who} | the copy | median extra steal, cores: {who} | the copy | "
+        f"Spearman(ratio, extra steal): {who} | the copy |"
     )
-    print("|---|---|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---:|---:|")
     for cell in cells:
         e, c = cell.elastic, cell.copy
+
+        def counted(signs: Signs) -> str:
+            return f"{signs.worse} of {signs.worse + signs.better}"
+
         print(
-            f"| {cell.name} | {cell.best} | {cell.env} | {len(e.throughput)} | "
+            f"| {cell.name} | {cell.best} | {cell.env} | {_rounds(cell)} | "
             f"{_median(e.throughput)} | {_median(c.throughput)} | "
-            f"{_counted(e.slower, len(e.throughput))} | {_counted(c.slower, len(c.throughput))} | "
+            f"{counted(e.slower)} | {counted(c.slower)} | "
             f"{_median(e.p99)} | {_median(c.p99)} | "
-            f"{_counted(e.slower_p99, len(e.p99))} | {_counted(c.slower_p99, len(c.p99))} | "
-            f"{_median(e.extra_steal, 3)} | {_median(c.extra_steal, 3)} | {_correlation(e)} |"
+            f"{counted(e.slower_p99)} | {counted(c.slower_p99)} | "
+            f"{_median(e.extra_steal, 3)} | {_median(c.extra_steal, 3)} | "
+            f"{e.correlation()} | {c.correlation()} |"
         )
     print()
     print(f"All {len(cells)} runs together (medians of per-round ratios; sign tests two-sided):")
     print(Pooled.of([cell.elastic for cell in cells], margin).sentence(who, margin))
     print(Pooled.of([cell.copy for cell in cells], margin).sentence("copy", margin))
+    print(f"  {who} slower than the copy in {head_to_head(cells).text(' rounds')}")
 
 
 def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float, who: str) -> None:
     """Every cell: its rounds over every run pooled, a row per cell."""
     print(
         f"| workload | N | runs | rounds | slower than the split: {who} | the copy | "
+        f"{who} slower than the copy | "
         f"median req/s ratio: {who} | the copy | p99 higher: {who} | the copy | "
         f"median p99 ratio: {who} | the copy | steal {margin:g}+ core above: {who} | "
         "the copy |"
     )
-    print("|---|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---|---|---|---:|---:|---|---|---:|---:|---|---|")
     for (workload, clients), cells in by_cell.items():
         e = Pooled.of([cell.elastic for cell in cells], margin)
         c = Pooled.of([cell.copy for cell in cells], margin)
         print(
-            f"| {workload} | {clients} | {len(cells)} | {e.rounds} | {e.count(e.slower)} | "
-            f"{c.count(c.slower)} | {e.throughput} | {c.throughput} | "
-            f"{e.count(e.slower_p99)} | {c.count(c.slower_p99)} | {e.p99} | {c.p99} | "
-            f"{e.count(e.more_steal, e.steal_rounds)} | {c.count(c.more_steal, c.steal_rounds)} |"
+            f"| {workload} | {clients} | {len(cells)} | {e.rounds} | {e.slower.text()} | "
+            f"{c.slower.text()} | {head_to_head(cells).text()} | {e.throughput} | "
+            f"{c.throughput} | {e.slower_p99.text()} | {c.slower_p99.text()} | {e.p99} | "
+            f"{c.p99} | {e.more_steal.text()} | {c.more_steal.text()} |"
         )
     print()
     print(
-        "Rounds pooled over the runs; p: two-sided sign test against as likely worse as "
-        f"better; steal above: rounds in which the mode's cell lost {margin:g} core or more "
-        "to steal beyond the split's, of those in which the two were that far apart."
+        "Rounds pooled over the runs, ties left out; p: two-sided sign test against as likely "
+        f"worse as better; steal above: rounds in which the mode's cell lost {margin:g} core or "
+        "more to steal beyond the split's, of those in which the two were that far apart."
     )
+
+
+def mixed_runs(cells: Sequence[RunCell]) -> str | None:
+    """What differs between the runs pooled in one cell, if anything does."""
+    differences = [
+        f"{what}: {', '.join(sorted(values))}"
+        for what, values in (
+            ("best split", {cell.best for cell in cells}),
+            ("wait variables", {cell.env for cell in cells}),
+            ("pinned", {str(cell.pinned) for cell in cells}),
+        )
+        if len(values) > 1
+    ]
+    return "; ".join(differences) or None
 
 
 def _levels(reports: Sequence[dict[str, Any]], workload: str | None) -> list[tuple[str, int]]:
@@ -318,6 +380,30 @@ def _levels(reports: Sequence[dict[str, Any]], workload: str | None) -> list[tup
     )
 
 
+def load_report(path: Path) -> dict[str, Any]:
+    """A report's JSON, checked for the lists this reads (ValueError naming what is missing)."""
+    report = json.loads(path.read_text())
+    if not isinstance(report, dict):
+        raise ValueError(f"a JSON {type(report).__name__}, not an object")
+    missing = [key for key in REPORT_LISTS if not isinstance(report.get(key), list)]
+    if missing:
+        raise ValueError(f"no list {', '.join(missing)}")
+    return report
+
+
+def _check_mode(key: str) -> str:
+    try:
+        mode = coordination.mode_from_key(key)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if mode.kind != "elastic":
+        raise argparse.ArgumentTypeError(
+            f"--mode takes elastic or one of its variants (elastic+active, elastic+obt20, "
+            f"elastic+spin300000, ...); {key!r} is a {mode.kind} mode"
+        )
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("reports", type=Path, nargs="+", help="coordination.py runs' .json")
@@ -327,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--mode",
-        help="the mode set against the best split, by its key, e.g. elastic+spin300000 "
-        "(default: elastic as deployed)",
+        type=_check_mode,
+        help="the elastic mode set against the best split, by its key, e.g. elastic+spin300000 "
+        "or elastic+pin (default: elastic as deployed, unpinned)",
     )
     parser.add_argument(
         "--steal-margin",
@@ -341,41 +428,55 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steal-margin must be above 0 and at most 2 cores, got {args.steal_margin}")
     if args.clients is not None and args.workload is None:
         parser.error("--clients needs --workload: a row per run is for one cell")
+    if args.clients is not None and args.clients < 1:
+        parser.error(f"--clients must be 1 or more, got {args.clients}")
+    who = args.mode or "elastic"
+
     reports: list[tuple[Path, dict[str, Any]]] = []
     for path in args.reports:
         try:
-            reports.append((path, json.loads(path.read_text())))
+            reports.append((path, load_report(path)))
         except (OSError, ValueError) as error:
-            print(f"{path}: not a coordination.py report ({error!r})", file=sys.stderr)
-            return 1
-    try:
-        wanted = (
-            [(args.workload, args.clients)]
-            if args.clients is not None
-            else _levels([report for _, report in reports], args.workload)
-        )
-        by_cell: dict[tuple[str, int], list[RunCell]] = {}
-        used: set[Path] = set()
-        why: dict[Path, str] = {}
-        for workload, clients in wanted:
-            for path, report in reports:
-                cell = read_cell(path.stem, report, workload, clients, args.mode)
-                if isinstance(cell, str):
-                    why.setdefault(path, cell)
-                else:
-                    by_cell.setdefault((workload, clients), []).append(cell)
-                    used.add(path)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
-        print(f"{path}: not a coordination.py report ({error!r})", file=sys.stderr)
-        return 1
+            print(f"{path}: not a coordination.py report ({error}); skipped", file=sys.stderr)
+    by_cell: dict[tuple[str, int], list[RunCell]] = {}
+    used: set[Path] = set()
+    why: dict[Path, str] = {}
+    for path, report in reports:
+        try:
+            wanted = (
+                [(args.workload, args.clients)]
+                if args.clients is not None
+                else _levels([report], args.workload)
+            )
+            found_cells = [
+                ((workload, clients), read_cell(path.stem, report, workload, clients, args.mode))
+                for workload, clients in wanted
+            ]
+        except MALFORMED as error:
+            print(f"{path}: not a coordination.py report ({error!r}); skipped", file=sys.stderr)
+            continue
+        for cell, found in found_cells:
+            if isinstance(found, str):
+                why.setdefault(path, found)
+            else:
+                by_cell.setdefault(cell, []).append(found)
+                used.add(path)
     for path, reason in why.items():
         if path not in used:
             print(f"skipped {path.name}: {reason}", file=sys.stderr)
-    who = args.mode or "elastic"
     if not by_cell:
-        cell_text = f"{args.workload} at {args.clients} clients" if args.clients else "a cell"
-        print(f"no report has {cell_text} with a copy", file=sys.stderr)
+        cell_text = (
+            f"{args.workload} at {args.clients} clients" if args.clients is not None else "a cell"
+        )
+        print(f"no report has {cell_text} with {who} and a copy of the split", file=sys.stderr)
         return 1
+    by_cell = dict(sorted(by_cell.items(), key=lambda i: (WORKLOAD_ORDER.get(i[0][0], 9), i[0][1])))
+    for (workload, clients), cells in by_cell.items():
+        if mixed := mixed_runs(cells):
+            print(
+                f"note: {workload} at {clients} clients pools runs that differ in {mixed}",
+                file=sys.stderr,
+            )
     if args.clients is not None:
         print_runs(by_cell[(args.workload, args.clients)], args.steal_margin, who)
     else:

@@ -122,7 +122,9 @@ def test_without_clients_every_cell_pools_its_rounds_as_the_one_cell_view_does()
         fields = [field.strip() for field in row.strip("|").split("|")]
         assert fields[2:4] == ["2", "20"]  # runs, rounds
         assert f"slower than the split in {fields[4].replace(' (p', ' rounds (p')}" in pooled
-        assert f"median ratio {fields[6]};" in pooled
+        assert f"median ratio {fields[7]};" in pooled
+        head_to_head = next(line for line in one.stdout.splitlines() if "than the copy" in line)
+        assert head_to_head.endswith(fields[6].replace(" (p", " rounds (p"))
 
     numpy_only = run_script("--workload", "numpy", str(LATE_RUN))
     assert "| minilm |" not in numpy_only.stdout
@@ -140,12 +142,14 @@ def test_steal_counts_take_the_rounds_apart_by_the_margin() -> None:
     assert above + below > 0  # the saved run has rounds that far apart
     result = run_script("--workload", "minilm", "--clients", "1", str(LATE_RUN))
     pooled = next(line for line in result.stdout.splitlines() if line.startswith("  elastic:"))
-    assert f"steal 0.1 core or more above the split's in {above} of {above + below} " in pooled
+    assert (
+        f"steal 0.1 core or more above the split's in {above} of {above + below} rounds" in pooled
+    )
 
     wide = run_script(
         "--workload", "minilm", "--clients", "1", "--steal-margin", "2", str(LATE_RUN)
     )
-    assert "steal never 2 core apart" in wide.stdout
+    assert "steal never 2 core or more apart" in wide.stdout
 
 
 def test_mode_sets_a_variant_against_the_split_instead_of_elastic() -> None:
@@ -170,6 +174,71 @@ def test_mode_sets_a_variant_against_the_split_instead_of_elastic() -> None:
     assert f"skipped {LATE_RUN.name}: no mode 'elastic+obt20'" in missing.stderr
 
 
+def test_ties_are_left_out_of_the_sign_test(over_runs: ModuleType) -> None:
+    signs = over_runs.Signs.of([0.2, 0.0, -0.1, 0.0, 0.3])
+    assert (signs.worse, signs.better) == (2, 1)
+    assert signs.text(" rounds") == f"2 of 3 rounds (p = {over_runs.sign_test(2, 3):.3f})"
+    assert over_runs.Signs.of([0.0, 0.0]).text() == "-"
+    assert over_runs.Signs(10, 0).text() == "10 of 10 (p = 0.002)"
+    assert over_runs.Signs(12, 0).text() == "12 of 12 (p < 0.001)"
+
+
+def test_elastic_against_the_copy_counts_the_rounds_where_its_ratio_is_lower() -> None:
+    report = json.loads(LATE_RUN.read_text())
+    comparison = next(
+        c for c in report["comparisons"] if c["workload"] == "numpy" and c["concurrency"] == 32
+    )
+    pairs = zip(comparison["round_ratios"], comparison["control_round_ratios"], strict=True)
+    worse = better = 0
+    for ours, copy in pairs:
+        worse += ours < copy
+        better += ours > copy
+    result = run_script("--workload", "numpy", "--clients", "32", str(LATE_RUN))
+    assert f"  elastic slower than the copy in {worse} of {worse + better} rounds" in (
+        result.stdout
+    )
+
+
+def test_pinned_runs_are_left_out_unless_asked_for() -> None:
+    pinned = RESULTS / "coordination-2026-12-03-pinned-control.json"
+    default = run_script("--workload", "numpy", "--clients", "1", str(pinned), str(LATE_RUN))
+    assert f"skipped {pinned.name}: no unpinned elastic mode" in default.stderr
+    assert "All 1 runs together" in default.stdout
+    asked = run_script(
+        "--mode", "elastic+pin", "--workload", "numpy", "--clients", "1", str(pinned)
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert _row(asked.stdout, pinned.stem)[1] == "static C=1 T=2, pinned"
+
+
+def test_runs_that_differ_in_plan_or_split_are_pointed_out() -> None:
+    older = RESULTS / "coordination-2026-12-03-active-control-n1.json"  # OpenBLAS timeout 2^16
+    result = run_script("--workload", "numpy", "--clients", "1", str(older), str(LATE_RUN))
+    assert result.returncode == 0, result.stderr
+    assert "note: numpy at 1 clients pools runs that differ in wait variables: " in result.stderr
+    assert "obt 16, spin 10000, obt 20, spin 10000" in result.stderr
+    same = run_script("--workload", "numpy", "--clients", "1", str(NUMPY_RUN), str(LATE_RUN))
+    assert "note:" not in same.stderr
+
+
+def test_a_bad_report_among_good_ones_is_named_and_skipped(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    broken = tmp_path / "broken.json"
+    report = json.loads(LATE_RUN.read_text())
+    report["workers"] = ["not a worker"]  # what a hand-edited report might hold
+    report["summaries"][0]["throughput_by_round"] = None
+    broken.write_text(json.dumps(report))
+    result = run_script(str(empty), str(broken), str(LATE_RUN))
+    assert result.returncode == 0, result.stderr
+    assert f"{empty}: not a coordination.py report (no list comparisons" in result.stderr
+    assert f"{broken}: not a coordination.py report (" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{LATE_RUN}: not a" not in result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| numpy |")]
+    assert all(row.split(" | ")[2] == "1" for row in rows)  # the late run alone
+
+
 def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
     result = run_script("--workload", "numpy", "--clients", "1", str(NO_CONTROL_RUN), str(LATE_RUN))
     assert result.returncode == 0, result.stderr
@@ -178,7 +247,7 @@ def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
 
     alone = run_script("--workload", "numpy", "--clients", "1", str(NO_CONTROL_RUN))
     assert alone.returncode == 1
-    assert "no report has numpy at 1 clients with a copy" in alone.stderr
+    assert "no report has numpy at 1 clients with elastic and a copy" in alone.stderr
 
 
 @pytest.mark.parametrize(
@@ -188,6 +257,9 @@ def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
         (["--workload", "numpy", "--clients", "x"], "invalid int value: 'x'"),
         (["--workload", "torch", "--clients", "1"], "invalid choice: 'torch'"),
         (["--steal-margin", "0"], "--steal-margin must be above 0 and at most 2 cores, got 0.0"),
+        (["--mode", "static-2"], "'static-2' is a static mode"),
+        (["--mode", "elastic+fast"], "unknown mode 'elastic+fast'"),
+        (["--workload", "numpy", "--clients", "0"], "--clients must be 1 or more, got 0"),
     ],
 )
 def test_bad_arguments_are_named(args: list[str], message: str) -> None:
