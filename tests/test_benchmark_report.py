@@ -593,3 +593,27 @@ def twin_throughput(report: dict[str, Any], workload: str, level: int) -> float:
         if c["workload"] == workload and c["mode"] == "elastic+active" and c["concurrency"] == level
     ]
     return statistics.median(runs)
+
+
+def test_report_of_a_run_with_gomp_spin_variants_reads_each_against_the_best_split(
+    tmp_path: Path,
+) -> None:
+    rebuilt, markdown = rebuild_saved_run(
+        "coordination-2026-12-04-spin100000-spin300000-control-n1-2.json", tmp_path
+    )
+    envs = {w["mode"]: w["env"]["GOMP_SPINCOUNT"] for w in rebuilt["workers"]}
+    assert envs["elastic"] == "10000"  # the passive plan's own count
+    assert envs["elastic+spin100000"] == "100000"
+    assert envs["elastic+spin300000"] == "300000"
+    for spins in (100000, 300000):
+        key = f"elastic+spin{spins}"
+        assert f"### minilm: elastic, GOMP spin count {spins} against the best static" in markdown
+        for verdict in rebuilt["comparisons"]:
+            runs = [
+                c["throughput"]
+                for c in rebuilt["raw_cells"]
+                if c["mode"] == key and c["concurrency"] == verdict["concurrency"]
+            ]
+            assert verdict["variants"][key]["throughput_ratio"] == pytest.approx(
+                statistics.median(runs) / verdict["best_static_throughput"]
+            )
