@@ -1526,24 +1526,27 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
-def parse_openblas_timeouts(text: str) -> list[int]:
+def _parse_counts(text: str, option: str, allowed: range, meaning: str) -> list[int]:
+    """Comma-separated whole numbers within *allowed*, sorted, repeats dropped."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts or not all(p.isdigit() and int(p) in OPENBLAS_TIMEOUTS for p in parts):
+    if not parts or not all(p.isdigit() and int(p) in allowed for p in parts):
         raise argparse.ArgumentTypeError(
-            "--elastic-openblas-timeouts wants whole numbers from 4 to 30 separated by commas "
-            f"(OpenBLAS's 2^N cycles), got {text!r}"
+            f"{option} wants whole numbers from {allowed.start} to {allowed.stop - 1} separated "
+            f"by commas ({meaning}), got {text!r}"
         )
     return sorted({int(p) for p in parts})
+
+
+def parse_openblas_timeouts(text: str) -> list[int]:
+    return _parse_counts(
+        text, "--elastic-openblas-timeouts", OPENBLAS_TIMEOUTS, "OpenBLAS's 2^N cycles"
+    )
 
 
 def parse_gomp_spincounts(text: str) -> list[int]:
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts or not all(p.isdigit() and int(p) in GOMP_SPINCOUNTS for p in parts):
-        raise argparse.ArgumentTypeError(
-            "--elastic-gomp-spincounts wants whole numbers from 0 to 1000000000 separated by "
-            f"commas (libgomp's spin rounds), got {text!r}"
-        )
-    return sorted({int(p) for p in parts})
+    return _parse_counts(
+        text, "--elastic-gomp-spincounts", GOMP_SPINCOUNTS, "libgomp's spin rounds"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

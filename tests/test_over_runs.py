@@ -7,13 +7,13 @@ import itertools
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.scripts import BENCHMARKS, run_benchmark
+
 RESULTS = BENCHMARKS / "results"
 LATE_RUN = RESULTS / "coordination-2026-12-03-late-control.json"
 NUMPY_RUN = RESULTS / "coordination-2026-12-03-numpy-control.json"
@@ -27,13 +27,7 @@ def over_runs(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(BENCHMARKS / "over_runs.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_benchmark("over_runs.py", *args)
 
 
 @pytest.mark.parametrize("rounds", [1, 5, 10, 13])

@@ -8,14 +8,14 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.scripts import BENCHMARKS, run_benchmark
+
 SAVED_RUN = BENCHMARKS / "results" / "coordination-2026-12-03-numpy-control.json"
 
 
@@ -26,13 +26,7 @@ def service_times(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(BENCHMARKS / "service_times.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_benchmark("service_times.py", *args)
 
 
 def test_spearman_orders_ranks_and_shares_ties(service_times: ModuleType) -> None:
