@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.scripts import BENCHMARKS, run_benchmark
+from .scripts import BENCHMARKS, run_benchmark
 
 RESULTS = BENCHMARKS / "results"
 LATE_RUN = RESULTS / "coordination-2026-12-03-late-control.json"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.scripts import BENCHMARKS, run_benchmark
+from .scripts import BENCHMARKS, run_benchmark
 
 SAVED_RUN = BENCHMARKS / "results" / "coordination-2026-12-03-numpy-control.json"
 
