@@ -501,9 +501,7 @@ def test_openblas_timeouts_on_the_command_line_are_checked() -> None:
             bench.parse_openblas_timeouts(bad)
 
 
-def test_gomp_spincount_variants_set_the_count_and_the_plan_keeps_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_gomp_spincount_variants_set_the_count_and_the_plan_keeps_it() -> None:
     bench = load_benchmark()
     modes = bench.all_modes(2, openblas_timeouts=[20], gomp_spincounts=[100000, 300000])
     assert [m.key for m in modes if m.kind == "elastic"] == [
@@ -533,19 +531,18 @@ def test_gomp_spincount_variants_set_the_count_and_the_plan_keeps_it(
             bench.parse_gomp_spincounts(text)
 
     # The worker's passive plan keeps the count it was started with, as for a user's own.
-    from threadbudget import make_plan
+    from threadbudget import apply_plan, make_plan
     from threadbudget._envvars import planned_values
 
-    planned = planned_values(make_plan(2, concurrency=2, wait_policy=spin.wait))
-    assert planned["GOMP_SPINCOUNT"] == "10000"
-    monkeypatch.setenv("GOMP_SPINCOUNT", env["GOMP_SPINCOUNT"])
-    import threadbudget
-
-    applied = threadbudget.apply_plan(make_plan(2, concurrency=2, wait_policy=spin.wait))
-    try:
-        assert os.environ["GOMP_SPINCOUNT"] == "300000"
-    finally:
-        applied.restore()
+    plan = make_plan(2, concurrency=2, wait_policy=spin.wait)
+    assert planned_values(plan)["GOMP_SPINCOUNT"] == "10000"
+    worker_env = dict(env)
+    apply_plan(plan, runtime=False, environ=worker_env, emit_warnings=False)
+    assert worker_env["GOMP_SPINCOUNT"] == "300000"
+    assert worker_env["OMP_WAIT_POLICY"] == "PASSIVE"  # the rest of the passive plan applies
+    plain_env = bench.mode_env(bench.mode_from_key("elastic"))
+    apply_plan(plan, runtime=False, environ=plain_env, emit_warnings=False)
+    assert plain_env["GOMP_SPINCOUNT"] == "10000"
 
 
 def test_active_elastic_worker_leaves_the_wait_variables_to_the_libraries() -> None:
