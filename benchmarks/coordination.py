@@ -1132,6 +1132,19 @@ def aggregate(
     ]
 
 
+def copy_key(modes: Sequence[Mode], split: Mode) -> str | None:
+    """The key of the copy of *split* (a second process of that split), if *modes* has one."""
+    plain = dataclasses.replace(split, key="", control=False)
+    return next(
+        (
+            m.key
+            for m in modes
+            if m.control and dataclasses.replace(m, key="", control=False) == plain
+        ),
+        None,
+    )
+
+
 def compare(
     summaries: list[Json], modes: list[Mode], budget: int, workloads: Sequence[str]
 ) -> list[Json]:
@@ -1141,7 +1154,6 @@ def compare(
     others = [m for m in modes if m.kind != "elastic" and not m.control]
     elastic_key = next(m.key for m in modes if m.is_elastic)
     variants = [m.key for m in modes if m.kind == "elastic" and not m.is_elastic]
-    copy_of = {dataclasses.replace(m, key="", control=False): m.key for m in modes if m.control}
     by_key = {m.key: m for m in modes}
     verdicts: list[Json] = []
     levels = sorted({s["concurrency"] for s in summaries})
@@ -1156,8 +1168,8 @@ def compare(
             best_any = max(everyone, key=lambda s: s["throughput"])
             thr_ratio = elastic["throughput"] / best["throughput"]
             p99_ratio = elastic["p99_ms"] / best["p99_ms"]
-            copy_key = copy_of.get(dataclasses.replace(by_key[best["mode"]], key=""))
-            control = index.get((workload, copy_key, level)) if copy_key else None
+            copy = copy_key(modes, by_key[best["mode"]])
+            control = index.get((workload, copy, level)) if copy else None
             twins = {
                 k: index[(workload, k, level)] for k in variants if (workload, k, level) in index
             }

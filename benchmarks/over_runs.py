@@ -28,7 +28,6 @@ Reports from before the benchmark recorded steal show "-" there.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -152,19 +151,10 @@ def _mode_and_copy(
     """*mode* (default: elastic as deployed, unpinned) and the key of the copy of the split
     *best*, where the run has them."""
     modes = [coordination.mode_from_key(m["key"]) for m in report["modes"]]
-    split = dataclasses.replace(coordination.mode_from_key(best), key="")
     ours = next(
         (m for m in modes if (m.key == mode if mode else m.is_elastic and not m.pinned)), None
     )
-    copy = next(
-        (
-            m.key
-            for m in modes
-            if m.control and dataclasses.replace(m, key="", control=False) == split
-        ),
-        None,
-    )
-    return ours, copy
+    return ours, coordination.copy_key(modes, coordination.mode_from_key(best))
 
 
 def _pair(
@@ -178,7 +168,12 @@ def _pair(
     ours, theirs = summaries.get(mode), summaries.get(best)
     if ours is None or theirs is None:
         return None
-    rounds = sorted(set(ours["throughput_by_round"]) & set(theirs["throughput_by_round"]), key=int)
+    # The order coordination._round_ratios gives its ratios in.
+    rounds = [
+        r
+        for r in sorted(ours["throughput_by_round"], key=int)
+        if r in theirs["throughput_by_round"]
+    ]
     steal: dict[tuple[str, int], float] = {}
     for run in report["raw_cells"]:
         if (
@@ -191,10 +186,8 @@ def _pair(
     recorded = all((m, int(r)) in steal for m in (mode, best) for r in rounds)
     return Pairing(
         rounds=rounds,
-        throughput=[
-            ours["throughput_by_round"][r] / theirs["throughput_by_round"][r] for r in rounds
-        ],
-        p99=[ours["p99_ms_by_round"][r] / theirs["p99_ms_by_round"][r] for r in rounds],
+        throughput=coordination._round_ratios(ours, theirs),
+        p99=coordination._round_ratios(ours, theirs, "p99_ms_by_round"),
         extra_steal=[steal[(mode, int(r))] - steal[(best, int(r))] for r in rounds]
         if recorded
         else [],
