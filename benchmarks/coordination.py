@@ -278,9 +278,9 @@ FULL = Sizes(
     minilm_floor=30,
     rounds=5,
     cell_cap_s=60.0,
-    overhead_sync_n=200_000,
-    overhead_async_n=100_000,
-    overhead_repeats=5,
+    overhead_sync_n=40_000,
+    overhead_async_n=20_000,
+    overhead_repeats=15,
 )
 QUICK = Sizes(
     numpy_per_client=4,
@@ -289,9 +289,9 @@ QUICK = Sizes(
     minilm_floor=8,
     rounds=1,
     cell_cap_s=30.0,
-    overhead_sync_n=50_000,
-    overhead_async_n=25_000,
-    overhead_repeats=3,
+    overhead_sync_n=10_000,
+    overhead_async_n=5_000,
+    overhead_repeats=5,
 )
 
 
@@ -618,6 +618,50 @@ def _native_info(load_s: float) -> Json:
 # Overhead worker: uncontended enter + exit
 # --------------------------------------------------------------------------------------------
 
+YARDSTICK = "yardstick: a Python context manager over a threading.Lock"
+
+
+class _LockedBlock:
+    """Takes and releases a lock in Python-level ``__enter__``/``__exit__``: the least a slot
+    written in Python can cost, so a slot's time can be read in units of it."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+    async def __aenter__(self) -> None:
+        self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+class _LockYardstick:
+    """Shaped like a pool (``slot()``, ``async_slot()``) so it is timed by the same loops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def slot(self) -> _LockedBlock:
+        return _LockedBlock(self._lock)
+
+    def async_slot(self) -> _LockedBlock:
+        return _LockedBlock(self._lock)
+
+
+def _rotated(names: Sequence[str], repeats: int) -> list[list[str]]:
+    """The order of each repeat: every name once, starting one further on each time, so no
+    pool is always timed first (caches cold) or always right after the same neighbour."""
+    count = len(names)
+    return [[names[(start + i) % count] for i in range(count)] for start in range(repeats)]
+
 
 def overhead_main(variant: str, budget: int, sizes: Sizes) -> int:
     # Load (and use once) what the variant names before threadbudget resolves its setters,
@@ -634,6 +678,7 @@ def overhead_main(variant: str, budget: int, sizes: Sizes) -> int:
     from threadbudget import CpuSlots, TokenPool
 
     pools: dict[str, Any] = {
+        YARDSTICK: _LockYardstick(),
         "TokenPool (plain)": TokenPool(budget),
         "CpuSlots elastic (grant = whole budget)": CpuSlots(budget),
         "CpuSlots static (grant = 1)": CpuSlots(budget, policy="static"),
@@ -642,6 +687,10 @@ def overhead_main(variant: str, budget: int, sizes: Sizes) -> int:
         # What pin=True adds on entry and exit: two affinity calls and a CPU taken and returned.
         pools["CpuSlots static (grant = 1), pinned"] = CpuSlots(budget, policy="static", pin=True)
     n_sync, n_async, repeats = sizes.overhead_sync_n, sizes.overhead_async_n, sizes.overhead_repeats
+    # Short repeats with every pool timed in each, rather than one long series per pool: the
+    # host's speed drifts from one second to the next, and interleaving spreads that drift over
+    # every pool alike instead of charging it to whichever pool was being timed.
+    orders = _rotated(list(pools), repeats)
 
     def bare_loop() -> float:
         started = time.perf_counter()
@@ -665,32 +714,43 @@ def overhead_main(variant: str, budget: int, sizes: Sizes) -> int:
                 pass
         return (time.perf_counter() - started) / n_async * 1e6
 
-    async def async_repeats(pool: Any) -> list[float]:
-        await async_us(pool)  # warm-up inside the loop (anyio backend detection, caches)
-        return [await async_us(pool) for _ in range(repeats)]
+    async def async_runs() -> dict[str, list[float]]:
+        for pool in pools.values():
+            await async_us(pool)  # warm-up inside the loop (anyio backend detection, caches)
+        runs: dict[str, list[float]] = {name: [] for name in pools}
+        for order in orders:
+            for name in order:
+                runs[name].append(await async_us(pools[name]))
+        return runs
 
-    results: list[Json] = []
-    for name, pool in pools.items():
+    for pool in pools.values():
         sync_us(pool)  # warm-up: resolves the native setters once
-        sync = [sync_us(pool) for _ in range(repeats)]
-        async_ = asyncio.run(async_repeats(pool))
-        results.append(
-            {
-                "pool": name,
-                "sync_us": statistics.median(sync),
-                "sync_runs_us": sync,
-                "async_us": statistics.median(async_),
-                "async_runs_us": async_,
-            }
-        )
+    sync_runs: dict[str, list[float]] = {name: [] for name in pools}
+    loop_runs: list[float] = []
+    for order in orders:
+        loop_runs.append(bare_loop())
+        for name in order:
+            sync_runs[name].append(sync_us(pools[name]))
+    async_runs_by_pool = asyncio.run(async_runs())
+
     emit(
         {
             "kind": "overhead",
             "variant": variant,
-            "loop_us": statistics.median(bare_loop() for _ in range(repeats)),
+            "repeats": repeats,
+            "loop_us": statistics.median(loop_runs),
             "torch_loaded": "torch" in sys.modules,
             "numpy_loaded": "numpy" in sys.modules,
-            "results": results,
+            "results": [
+                {
+                    "pool": name,
+                    "sync_us": statistics.median(sync_runs[name]),
+                    "sync_runs_us": sync_runs[name],
+                    "async_us": statistics.median(async_runs_by_pool[name]),
+                    "async_runs_us": async_runs_by_pool[name],
+                }
+                for name in pools
+            ],
         }
     )
     return 0
@@ -1379,24 +1439,61 @@ def render_markdown(report: Json) -> str:
     add("")
     add("## Slot enter + exit, uncontended (median of repeats, microseconds)")
     add("")
-    add(
-        "Targets: CpuSlots <= 5 us sync and <= 20 us async without torch loaded. The loop's "
-        "own cost is included (shown as 'empty loop')."
-    )
-    add("")
-    add("| process | pool | sync us | async us |")
-    add("|---|---|---:|---:|")
-    for variant in report["overhead"]:
-        name = {
-            "bare": "no numpy, no torch",
-            "numpy": "numpy loaded",
-            "torch": "numpy + torch loaded and used once",
-        }[variant["variant"]]
-        add(f"| {name} | empty loop | {_f(variant['loop_us'], 3)} | |")
-        for r in variant["results"]:
-            add(f"| {name} | {r['pool']} | {_f(r['sync_us'], 2)} | {_f(r['async_us'], 2)} |")
+    lines.extend(_overhead_table(report["overhead"]))
     add("")
     return "\n".join(lines)
+
+
+_PROCESS_NAMES = {
+    "bare": "no numpy, no torch",
+    "numpy": "numpy loaded",
+    "torch": "numpy + torch loaded and used once",
+}
+
+
+def _overhead_table(variants: list[Json]) -> list[str]:
+    """The overhead section's text; a run saved before the yardstick keeps its microseconds
+    alone, since a ratio column would need a yardstick row in every process."""
+
+    def yardstick(variant: Json) -> Json | None:
+        return next((r for r in variant["results"] if r["pool"] == YARDSTICK), None)
+
+    with_ratios = bool(variants) and all(yardstick(v) is not None for v in variants)
+    repeats: set[int] = {v["repeats"] for v in variants if "repeats" in v}
+    lines = [
+        "Targets: CpuSlots <= 5 us sync and <= 20 us async without torch loaded. The loop's "
+        "own cost is included (shown as 'empty loop')."
+        + (
+            f" Every pool is timed once in each of {', '.join(map(str, sorted(repeats)))} "
+            "short repeats, in an order rotated from repeat to repeat."
+            if repeats
+            else ""
+        ),
+        "",
+    ]
+    if with_ratios:
+        lines += [
+            "The ratio columns divide by the yardstick in the same process: what a slot costs in "
+            "units of a lock taken in Python, for comparing hosts of different speed.",
+            "",
+            "| process | pool | sync us | async us | sync x ys | async x ys |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += ["| process | pool | sync us | async us |", "|---|---|---:|---:|"]
+    for variant in variants:
+        name = _PROCESS_NAMES[variant["variant"]]
+        ys = yardstick(variant) if with_ratios else None
+        lines.append(
+            f"| {name} | empty loop | {_f(variant['loop_us'], 3)} | |" + (" | |" if ys else "")
+        )
+        for r in variant["results"]:
+            row = f"| {name} | {r['pool']} | {_f(r['sync_us'], 2)} | {_f(r['async_us'], 2)} |"
+            if ys is not None:
+                sync_ratio, async_ratio = (r[k] / ys[k] for k in ("sync_us", "async_us"))
+                row += f" {_f(sync_ratio, 1)} | {_f(async_ratio, 1)} |"
+            lines.append(row)
+    return lines
 
 
 def _order_phrase(report: Json) -> str:

@@ -1,10 +1,13 @@
-"""Running a script of ``benchmarks/`` as a user would, for the tests of its command line."""
+"""Running a script of ``benchmarks/`` as a user would, or loading it as a module, for the
+tests of its command line and its helpers."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -20,3 +23,17 @@ def run_benchmark(
         timeout=timeout,
         check=False,
     )
+
+
+def load_benchmark() -> ModuleType:
+    """``benchmarks/coordination.py`` as a module, for tests of its helpers."""
+    spec = importlib.util.spec_from_file_location(
+        "coordination_bench", BENCHMARKS / "coordination.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered first: dataclasses look their module up while the class is built.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
