@@ -652,8 +652,7 @@ class _LockYardstick:
     def slot(self) -> _LockedBlock:
         return _LockedBlock(self._lock)
 
-    def async_slot(self) -> _LockedBlock:
-        return _LockedBlock(self._lock)
+    async_slot = slot  # the block is both a sync and an async context manager
 
 
 def _rotated(names: Sequence[str], repeats: int) -> list[list[str]]:
@@ -1485,7 +1484,8 @@ def _overhead_table(variants: list[Json]) -> list[str]:
         name = _PROCESS_NAMES[variant["variant"]]
         ys = yardstick(variant) if with_ratios else None
         lines.append(
-            f"| {name} | empty loop | {_f(variant['loop_us'], 3)} | |" + (" | |" if ys else "")
+            f"| {name} | empty loop | {_f(variant['loop_us'], 3)} | |"
+            + (" | |" if ys is not None else "")
         )
         for r in variant["results"]:
             row = f"| {name} | {r['pool']} | {_f(r['sync_us'], 2)} | {_f(r['async_us'], 2)} |"

@@ -50,18 +50,18 @@ def test_the_worker_reports_every_repeat_of_every_pool_and_the_yardstick() -> No
             assert result[f"{key}_us"] == statistics.median(runs)
 
 
-def _variant(name: str, yardstick_us: float | None) -> dict[str, object]:
+def _variant(name: str, yardstick: str | None, yardstick_us: float = 0.5) -> dict[str, object]:
     results = [{"pool": "TokenPool (plain)", "sync_us": 3.0, "async_us": 8.0}]
-    if yardstick_us is not None:
-        results.insert(
-            0, {"pool": load_benchmark().YARDSTICK, "sync_us": yardstick_us, "async_us": 2.0}
-        )
+    if yardstick is not None:
+        results.insert(0, {"pool": yardstick, "sync_us": yardstick_us, "async_us": 2.0})
     return {"variant": name, "repeats": 15, "loop_us": 0.02, "results": results}
 
 
 def test_the_table_divides_each_pool_by_the_yardstick_of_its_own_process() -> None:
     bench = load_benchmark()
-    lines = bench._overhead_table([_variant("bare", 0.5), _variant("numpy", 0.6)])
+    lines = bench._overhead_table(
+        [_variant("bare", bench.YARDSTICK, 0.5), _variant("numpy", bench.YARDSTICK, 0.6)]
+    )
     text = "\n".join(lines)
     assert "| process | pool | sync us | async us | sync x ys | async x ys |" in text
     assert "15 short repeats" in text
@@ -72,7 +72,7 @@ def test_the_table_divides_each_pool_by_the_yardstick_of_its_own_process() -> No
 
 def test_a_run_saved_before_the_yardstick_keeps_its_microseconds_alone() -> None:
     bench = load_benchmark()
-    mixed = bench._overhead_table([_variant("bare", 0.5), _variant("numpy", None)])
+    mixed = bench._overhead_table([_variant("bare", bench.YARDSTICK), _variant("numpy", None)])
     assert "| process | pool | sync us | async us |" in mixed
     assert "x ys" not in "\n".join(mixed)
     saved = json.loads(
