@@ -56,6 +56,28 @@ def sign_test(worse: int, rounds: int) -> float:
     return min(1.0, 2 * probability)
 
 
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of *pvalues* for testing them together, in their order.
+
+    The smallest p is multiplied by the number of tests, the next by one fewer, and so on, each
+    at least the one before: an adjusted p below 0.05 holds at 0.05 for the whole family,
+    where a table of many raw p-values shows some below 0.05 by chance alone.
+    """
+    if any(not 0 <= p <= 1 for p in pvalues):
+        raise ValueError(f"p-values must lie in [0, 1], got {list(pvalues)}")
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 @dataclass(frozen=True)
 class Signs:
     """Rounds worse and better, ties left out, as a sign test takes them."""
@@ -71,13 +93,19 @@ class Signs:
     def __add__(self, other: Signs) -> Signs:
         return Signs(self.worse + other.worse, self.better + other.better)
 
+    @property
+    def counted(self) -> int:
+        return self.worse + self.better
+
+    @property
+    def p(self) -> float:
+        return sign_test(self.worse, self.counted)
+
     def text(self, unit: str = "") -> str:
         """ "worse of (worse + better)[unit] (p = ...)"; "-" where no round counts."""
-        counted = self.worse + self.better
-        if not counted:
+        if not self.counted:
             return "-"
-        p = sign_test(self.worse, counted)
-        return f"{self.worse} of {counted}{unit} ({'p < 0.001' if p < 0.001 else f'p = {p:.3f}'})"
+        return f"{self.worse} of {self.counted}{unit} ({_p_text(self.p)})"
 
 
 @dataclass(frozen=True)
@@ -330,9 +358,18 @@ def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float, wh
         "the copy |"
     )
     print("|---|---:|---:|---:|---|---|---|---:|---:|---|---|---:|---:|---|---|")
+    family: list[tuple[str, Signs]] = []
     for (workload, clients), cells in by_cell.items():
         e = Pooled.of([cell.elastic for cell in cells], margin)
         c = Pooled.of([cell.copy for cell in cells], margin)
+        where = f"{workload} at {clients}"
+        family += [
+            (f"{where}: {who} slower than the split", e.slower),
+            (f"{where}: the copy slower than the split", c.slower),
+            (f"{where}: {who} slower than the copy", head_to_head(cells)),
+            (f"{where}: {who}'s p99 higher than the split's", e.slower_p99),
+            (f"{where}: the copy's p99 higher than the split's", c.slower_p99),
+        ]
         print(
             f"| {workload} | {clients} | {len(cells)} | {e.rounds} | {e.slower.text()} | "
             f"{c.slower.text()} | {head_to_head(cells).text()} | {e.throughput} | "
@@ -344,6 +381,75 @@ def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float, wh
         "Rounds pooled over the runs, ties left out; p: two-sided sign test against as likely "
         f"worse as better; steal above: rounds in which the mode's cell lost {margin:g} core or "
         "more to steal beyond the split's, of those in which the two were that far apart."
+    )
+    print()
+    print(family_sentence(family))
+    print()
+    print(calibration_sentence([cell for cells in by_cell.values() for cell in cells]))
+
+
+def family_sentence(family: Sequence[tuple[str, Signs]], alpha: float = 0.05) -> str:
+    """What the table's sign tests say together: how many fall below *alpha* as printed, and
+    which still do after Holm's adjustment for their number (the steal columns are a
+    diagnosis, not a comparison, and are left out)."""
+    tested = [(what, signs.p) for what, signs in family if signs.counted]
+    if not tested:
+        return "No sign test in this table counted a round."
+    adjusted = holm([p for _, p in tested])
+    below = sum(p < alpha for _, p in tested)
+    held = sorted(
+        ((q, what, p) for (what, p), q in zip(tested, adjusted, strict=True) if q < alpha),
+    )
+    head = (
+        f"Taken together: {len(tested)} sign tests in the comparison columns, {below} with "
+        f"p < {alpha:g} as printed (at most {alpha * len(tested):.1f} expected by chance alone). "
+    )
+    if held:
+        return (
+            head
+            + f"After Holm's adjustment for {len(tested)} tests, below {alpha:g}: "
+            + ("; ".join(f"{what} ({_p_text(p)}, adjusted {_p_text(q)})" for q, what, p in held))
+        )
+    q, what, p = min((q, what, p) for (what, p), q in zip(tested, adjusted, strict=True))
+    return head + (
+        f"After Holm's adjustment for {len(tested)} tests, none is below {alpha:g}; the "
+        f"smallest is {what} ({_p_text(p)}, adjusted {_p_text(q)})."
+    )
+
+
+def chi_square_upper(statistic: float, degrees: int) -> float:
+    """P(chi-square with *degrees* degrees of freedom >= *statistic*), by Wilson and
+    Hilferty's cube-root normal approximation (within 0.01 from a few degrees up)."""
+    if degrees < 1:
+        raise ValueError(f"degrees of freedom must be 1 or more, got {degrees}")
+    if statistic <= 0:
+        return 1.0
+    spread = 2 / (9 * degrees)
+    z = ((statistic / degrees) ** (1 / 3) - (1 - spread)) / math.sqrt(spread)
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def calibration_sentence(cells: Sequence[RunCell]) -> str:
+    """How far the copy's rounds behave as the sign tests assume.
+
+    The copy runs the split's very configuration, so in each run's cell the number of rounds it
+    was slower is binomial (n, 1/2) if rounds are independent. A process that is lastingly
+    faster or slower than another of the same configuration (placement, memory layout) would
+    make a run's rounds agree with each other, and these counts spread wider than that: the
+    dispersion index (chi-square over its degrees of freedom) rises above 1.
+    """
+    counts = [(c.copy.slower.worse, c.copy.slower.counted) for c in cells if c.copy.slower.counted]
+    if not counts:
+        return "Calibration: no run cell of the copy counted a round."
+    statistic = sum((k - m / 2) ** 2 / (m / 4) for k, m in counts)
+    below = sum(sign_test(k, m) < 0.05 for k, m in counts)
+    p = chi_square_upper(statistic, len(counts))
+    return (
+        f"Calibration: the copy against the split (one configuration in two processes), over "
+        f"{len(counts)} run cells: its slower-round counts spread {statistic / len(counts):.2f} "
+        f"times as widely as independent rounds would make them (chi-square {statistic:.1f} on "
+        f"{len(counts)} degrees of freedom, {_p_text(p)} for wider), and {below} cells have a "
+        f"sign test below 0.05 (at most {0.05 * len(counts):.1f} by chance alone)."
     )
 
 

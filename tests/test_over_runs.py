@@ -5,12 +5,16 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import math
 import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from .scripts import BENCHMARKS, run_benchmark
 
@@ -175,6 +179,100 @@ def test_ties_are_left_out_of_the_sign_test(over_runs: ModuleType) -> None:
     assert over_runs.Signs.of([0.0, 0.0]).text() == "-"
     assert over_runs.Signs(10, 0).text() == "10 of 10 (p = 0.002)"
     assert over_runs.Signs(12, 0).text() == "12 of 12 (p < 0.001)"
+
+
+def test_holm_adjusts_a_worked_example(over_runs: ModuleType) -> None:
+    # Sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06.
+    adjusted = over_runs.holm([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert over_runs.holm([0.2]) == [0.2]
+    assert over_runs.holm([]) == []
+    assert over_runs.holm([0.6, 0.7]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="p-values must lie in"):
+        over_runs.holm([0.1, 1.5])
+
+
+@pytest.fixture(scope="module")
+def holm() -> Callable[[list[float]], list[float]]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        function: Callable[[list[float]], list[float]] = importlib.import_module("over_runs").holm
+        return function
+
+
+@given(pvalues=st.lists(st.floats(min_value=0.0, max_value=1.0), max_size=12))
+def test_holm_keeps_exactly_what_the_step_down_procedure_rejects(
+    holm: Callable[[list[float]], list[float]], pvalues: list[float]
+) -> None:
+    """Holm at 0.05: walk the p-values from the smallest, reject while p < 0.05 / (tests
+    left), stop at the first that is not; the adjusted p-values below 0.05 are those."""
+    adjusted = holm(pvalues)
+    rejected: set[int] = set()
+    for rank, index in enumerate(sorted(range(len(pvalues)), key=lambda i: pvalues[i])):
+        if pvalues[index] * (len(pvalues) - rank) >= 0.05:
+            break
+        rejected.add(index)
+    assert {i for i, q in enumerate(adjusted) if q < 0.05} == rejected
+    assert all(q >= p for p, q in zip(pvalues, adjusted, strict=True))
+
+
+def test_the_family_sentence_names_what_holds_after_adjustment(over_runs: ModuleType) -> None:
+    strong, weak, tie = over_runs.Signs(20, 0), over_runs.Signs(9, 1), over_runs.Signs(0, 0)
+    held = over_runs.family_sentence([("a", strong), ("b", weak), ("c", tie)])
+    # Two tests count (c has no rounds): 20 of 20 adjusted x2, 9 of 10 (p = 0.021) x1 -> 0.021.
+    assert held.startswith("Taken together: 2 sign tests in the comparison columns, 2 with")
+    assert "below 0.05: a (p < 0.001, adjusted p < 0.001); b (p = 0.021, adjusted p = 0.021)" in (
+        held
+    )
+    many = [("x", weak), *[(f"n{i}", over_runs.Signs(5, 5)) for i in range(9)]]
+    none = over_runs.family_sentence(many)
+    assert "10 sign tests in the comparison columns, 1 with p < 0.05" in none
+    assert "none is below 0.05; the smallest is x (p = 0.021, adjusted p = 0.215)" in none
+    assert over_runs.family_sentence([("c", tie)]).startswith("No sign test")
+
+
+def test_the_table_counts_five_tests_per_cell() -> None:
+    every = run_script(str(LATE_RUN), str(NUMPY_RUN))
+    rows = [
+        line for line in every.stdout.splitlines() if line.startswith(("| numpy |", "| minilm |"))
+    ]
+    assert f"Taken together: {5 * len(rows)} sign tests" in every.stdout
+
+
+@pytest.mark.parametrize(
+    ("statistic", "degrees", "upper"),
+    # Critical values from chi-square tables: the 5 % and 1 % upper points.
+    [(3.841, 1, 0.05), (18.307, 10, 0.05), (23.209, 10, 0.01), (124.342, 100, 0.05)],
+)
+def test_the_chi_square_tail_meets_the_tables(
+    over_runs: ModuleType, statistic: float, degrees: int, upper: float
+) -> None:
+    assert over_runs.chi_square_upper(statistic, degrees) == pytest.approx(upper, abs=0.005)
+    assert over_runs.chi_square_upper(0.0, degrees) == 1.0
+    with pytest.raises(ValueError, match="degrees of freedom must be 1 or more, got 0"):
+        over_runs.chi_square_upper(1.0, 0)
+
+
+def test_the_calibration_counts_the_copy_s_rounds_of_every_run_cell() -> None:
+    """Recomputed from the copy's per-round ratios that each report saved itself."""
+    every = run_script(str(LATE_RUN), str(NUMPY_RUN))
+    statistic, cells, below = 0.0, 0, 0
+    for path in (LATE_RUN, NUMPY_RUN):
+        for comparison in json.loads(path.read_text())["comparisons"]:
+            ratios = comparison["control_round_ratios"]
+            slower, counted = sum(r < 1 for r in ratios), sum(r != 1 for r in ratios)
+            statistic += (slower - counted / 2) ** 2 / (counted / 4)
+            cells += 1
+            below += (
+                2
+                * sum(math.comb(counted, k) for k in range(min(slower, counted - slower) + 1))
+                / 2**counted
+            ) < 0.05
+    line = next(line for line in every.stdout.splitlines() if line.startswith("Calibration:"))
+    assert f"over {cells} run cells" in line
+    assert f"spread {statistic / cells:.2f} times" in line
+    assert f"chi-square {statistic:.1f} on {cells} degrees of freedom" in line
+    assert f"and {below} cells have a sign test below 0.05" in line
 
 
 def test_elastic_against_the_copy_counts_the_rounds_where_its_ratio_is_lower() -> None:
