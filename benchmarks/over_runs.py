@@ -397,9 +397,13 @@ def family_sentence(family: Sequence[tuple[str, Signs]], alpha: float = 0.05) ->
         return "No sign test in this table counted a round."
     adjusted = holm([p for _, p in tested])
     below = sum(p < alpha for _, p in tested)
-    held = sorted(
-        ((q, what, p) for (what, p), q in zip(tested, adjusted, strict=True) if q < alpha),
+    # By adjusted p, then raw p: adjusted values tie (at 1.0, or where a larger raw p takes
+    # the running maximum), and the raw p says which of the tied is the stronger.
+    ranked = sorted(
+        ((q, p, what) for (what, p), q in zip(tested, adjusted, strict=True)),
+        key=lambda item: item[:2],
     )
+    held = [item for item in ranked if item[0] < alpha]
     head = (
         f"Taken together: {len(tested)} sign tests in the comparison columns, {below} with "
         f"p < {alpha:g} as printed (at most {alpha * len(tested):.1f} expected by chance alone). "
@@ -408,9 +412,9 @@ def family_sentence(family: Sequence[tuple[str, Signs]], alpha: float = 0.05) ->
         return (
             head
             + f"After Holm's adjustment for {len(tested)} tests, below {alpha:g}: "
-            + ("; ".join(f"{what} ({_p_text(p)}, adjusted {_p_text(q)})" for q, what, p in held))
+            + ("; ".join(f"{what} ({_p_text(p)}, adjusted {_p_text(q)})" for q, p, what in held))
         )
-    q, what, p = min((q, what, p) for (what, p), q in zip(tested, adjusted, strict=True))
+    q, p, what = ranked[0]
     return head + (
         f"After Holm's adjustment for {len(tested)} tests, none is below {alpha:g}; the "
         f"smallest is {what} ({_p_text(p)}, adjusted {_p_text(q)})."

@@ -229,6 +229,12 @@ def test_the_family_sentence_names_what_holds_after_adjustment(over_runs: Module
     assert "10 sign tests in the comparison columns, 1 with p < 0.05" in none
     assert "none is below 0.05; the smallest is x (p = 0.021, adjusted p = 0.215)" in none
     assert over_runs.family_sentence([("c", tie)]).startswith("No sign test")
+    # Every adjusted p at 1.0: the smallest raw p is named, not the first name.
+    even = over_runs.Signs(5, 5)
+    tied = over_runs.family_sentence(
+        [("a", even), ("b", even), ("z", over_runs.Signs(6, 2)), ("c", even)]
+    )
+    assert "the smallest is z (p = 0.289, adjusted p = 1.000)" in tied
 
 
 def test_the_table_counts_five_tests_per_cell() -> None:
