@@ -20,9 +20,12 @@ and the copy, this prints:
   the runs span changes of the passive plan;
 
 then the rounds of all reports together, with two-sided sign tests against "as likely worse
-as better". Without ``--clients``, the pooled counts of every cell, a row each. Steal counts
-take the rounds in which the two cells' steal differed by ``--steal-margin`` cores or more.
-Reports from before the benchmark recorded steal show "-" there.
+as better". Without ``--clients``, the pooled counts of every cell, a row each, then the
+table's sign tests taken together (which stay below 0.05 after Holm's adjustment for their
+number) and a calibration: whether the copy's rounds, which differ from the split's in
+nothing, spread as independent rounds would. Steal counts take the rounds in which the two
+cells' steal differed by ``--steal-margin`` cores or more. Reports from before the benchmark
+recorded steal show "-" there.
 """
 
 from __future__ import annotations
