@@ -365,17 +365,18 @@ def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float, wh
     for (workload, clients), cells in by_cell.items():
         e = Pooled.of([cell.elastic for cell in cells], margin)
         c = Pooled.of([cell.copy for cell in cells], margin)
+        versus_copy = head_to_head(cells)
         where = f"{workload} at {clients}"
         family += [
             (f"{where}: {who} slower than the split", e.slower),
             (f"{where}: the copy slower than the split", c.slower),
-            (f"{where}: {who} slower than the copy", head_to_head(cells)),
+            (f"{where}: {who} slower than the copy", versus_copy),
             (f"{where}: {who}'s p99 higher than the split's", e.slower_p99),
             (f"{where}: the copy's p99 higher than the split's", c.slower_p99),
         ]
         print(
             f"| {workload} | {clients} | {len(cells)} | {e.rounds} | {e.slower.text()} | "
-            f"{c.slower.text()} | {head_to_head(cells).text()} | {e.throughput} | "
+            f"{c.slower.text()} | {versus_copy.text()} | {e.throughput} | "
             f"{c.throughput} | {e.slower_p99.text()} | {c.slower_p99.text()} | {e.p99} | "
             f"{c.p99} | {e.more_steal.text()} | {c.more_steal.text()} |"
         )
@@ -445,11 +446,11 @@ def calibration_sentence(cells: Sequence[RunCell]) -> str:
     make a run's rounds agree with each other, and these counts spread wider than that: the
     dispersion index (chi-square over its degrees of freedom) rises above 1.
     """
-    counts = [(c.copy.slower.worse, c.copy.slower.counted) for c in cells if c.copy.slower.counted]
+    counts = [signs for signs in (c.copy.slower for c in cells) if signs.counted]
     if not counts:
         return "Calibration: no run cell of the copy counted a round."
-    statistic = sum((k - m / 2) ** 2 / (m / 4) for k, m in counts)
-    below = sum(sign_test(k, m) < 0.05 for k, m in counts)
+    statistic = sum((s.worse - s.counted / 2) ** 2 / (s.counted / 4) for s in counts)
+    below = sum(s.p < 0.05 for s in counts)
     p = chi_square_upper(statistic, len(counts))
     return (
         f"Calibration: the copy against the split (one configuration in two processes), over "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
-import math
 import statistics
 import subprocess
 from collections.abc import Callable
@@ -259,7 +258,9 @@ def test_the_chi_square_tail_meets_the_tables(
         over_runs.chi_square_upper(1.0, 0)
 
 
-def test_the_calibration_counts_the_copy_s_rounds_of_every_run_cell() -> None:
+def test_the_calibration_counts_the_copy_s_rounds_of_every_run_cell(
+    over_runs: ModuleType,
+) -> None:
     """Recomputed from the copy's per-round ratios that each report saved itself."""
     every = run_script(str(LATE_RUN), str(NUMPY_RUN))
     statistic, cells, below = 0.0, 0, 0
@@ -269,11 +270,7 @@ def test_the_calibration_counts_the_copy_s_rounds_of_every_run_cell() -> None:
             slower, counted = sum(r < 1 for r in ratios), sum(r != 1 for r in ratios)
             statistic += (slower - counted / 2) ** 2 / (counted / 4)
             cells += 1
-            below += (
-                2
-                * sum(math.comb(counted, k) for k in range(min(slower, counted - slower) + 1))
-                / 2**counted
-            ) < 0.05
+            below += over_runs.sign_test(slower, counted) < 0.05
     line = next(line for line in every.stdout.splitlines() if line.startswith("Calibration:"))
     assert f"over {cells} run cells" in line
     assert f"spread {statistic / cells:.2f} times" in line
