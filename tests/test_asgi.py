@@ -700,8 +700,12 @@ async def test_overload_is_shed_and_health_stays_fast(main: Server) -> None:
 
     50 requests over 2.5 s (20/s against a capacity of 6.7/s), twice. Every request is
     answered 200 or 503 with Retry-After, nothing hangs, /health (a sync route: it needs a
-    worker thread) answers within 50 ms every time it is polled, and, as a sanity bound, the
-    server's RSS grows by less than 50 MB from one burst to the next.
+    worker thread) answers within 50 ms every time it is polled but the slowest, and that one
+    within 150 ms, half the time a request holds its slot: a poll that waited for a slot or for
+    a worker thread would wait for a whole held request. The one exception is for a single
+    scheduling hiccup of the shared machine (a 55 ms poll among 31 with a 3 ms median was seen
+    in 1 of 5 runs on 2026-12-05). As a sanity bound, the server's RSS grows by less than
+    50 MB from one burst to the next.
 
     The endpoint sleeps rather than computes so that the capacity is exact and the health
     bound measures the server (event loop, worker threads, admission), not how the machine's
@@ -716,7 +720,7 @@ async def test_overload_is_shed_and_health_stays_fast(main: Server) -> None:
             second = await overload_burst(client, main.url, "/o/work?ms=300")
             rss_second = process.memory_info().rss
     for burst in (first, second):
-        burst.check(health_bound=0.050)
+        burst.check(health_bound=0.050, slowest_bound=0.150)
     growth = rss_second - rss_first
     assert growth < 50 * 2**20, f"RSS grew by {growth / 2**20:.1f} MB between bursts"
 
@@ -741,7 +745,9 @@ class OverloadBurst:
         self.health: list[tuple[int, float]] = []
         self.elapsed = 0.0
 
-    def check(self, health_bound: float) -> None:
+    def check(self, health_bound: float, slowest_bound: float | None = None) -> None:
+        """*health_bound*: every /health poll but the slowest; *slowest_bound* (default the
+        same): the slowest one."""
         errors = [o for o in self.outcomes if isinstance(o[0], str)]
         assert not errors, f"requests failed or timed out: {errors[:5]}"
         statuses = [int(status) for status, _ in self.outcomes]
@@ -758,10 +764,12 @@ class OverloadBurst:
         latencies = sorted(seconds for _, seconds in self.health)
         assert len(latencies) >= 15, f"only {len(latencies)} health polls"
         assert all(status == 200 for status, _ in self.health), self.health
-        assert latencies[-1] < health_bound, (
-            f"/health max {latencies[-1] * 1000:.1f} ms, median "
-            f"{latencies[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} polls"
+        summary = (
+            f"/health slowest {latencies[-1] * 1000:.1f} ms, next {latencies[-2] * 1000:.1f} ms, "
+            f"median {latencies[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} polls"
         )
+        assert latencies[-2] < health_bound, summary
+        assert latencies[-1] < (health_bound if slowest_bound is None else slowest_bound), summary
 
 
 async def overload_burst(
