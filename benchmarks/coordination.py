@@ -87,6 +87,12 @@ _PROBE_DATA = bytes(16 << 20)
 QUIET_WINDOW_S = 0.05
 QUIET_CORES = 0.1
 QUIET_WAIT_S = 3.0
+# The slot overhead is held to targets in microseconds, so it must be timed on a host running at
+# its usual speed. The yardstick timed in each overhead process shows that speed: a process
+# whose yardstick ran more than PROBE_SLOWDOWN times the run's fastest is timed again, up to
+# OVERHEAD_ATTEMPTS times in all, and the attempt with the fastest yardstick is reported.
+OVERHEAD_ATTEMPTS = 3
+OVERHEAD_VARIANTS: tuple[str, ...] = ("bare", "numpy", "torch")
 
 Json = dict[str, Any]
 T = TypeVar("T")
@@ -785,6 +791,53 @@ def mode_env(mode: Mode) -> dict[str, str]:
     return env
 
 
+def _yardstick_sync_us(record: Json) -> float | None:
+    return next((r["sync_us"] for r in record["results"] if r["pool"] == YARDSTICK), None)
+
+
+def _slowed(records: dict[str, Json]) -> list[str]:
+    """The variants whose yardstick ran more than PROBE_SLOWDOWN times the fastest one's."""
+    speeds = {v: ys for v, r in records.items() if (ys := _yardstick_sync_us(r)) is not None}
+    if not speeds:
+        return []
+    fastest = min(speeds.values())
+    return [v for v, ys in speeds.items() if ys > PROBE_SLOWDOWN * fastest]
+
+
+def time_overhead(
+    time_process: Callable[[str], Json | None],
+    variants: Sequence[str] = OVERHEAD_VARIANTS,
+    attempts: int = OVERHEAD_ATTEMPTS,
+) -> tuple[list[Json], list[Json]]:
+    """Time every variant's process, and again any whose host ran slow; (kept, discarded).
+
+    Each record gets its ``attempt`` number. Of a variant's attempts the one whose yardstick
+    ran fastest is kept; the others are returned as discarded, so a report can show them.
+    """
+    kept: dict[str, Json] = {}
+    discarded: list[Json] = []
+    for variant in variants:
+        record = time_process(variant)
+        if record is not None:
+            kept[variant] = {**record, "attempt": 1}
+    for attempt in range(2, attempts + 1):
+        slowed = _slowed(kept)
+        if not slowed:
+            break
+        for variant in slowed:
+            record = time_process(variant)
+            if record is None:
+                continue
+            record = {**record, "attempt": attempt}
+            new_ys, old_ys = _yardstick_sync_us(record), _yardstick_sync_us(kept[variant])
+            if new_ys is not None and old_ys is not None and new_ys < old_ys:
+                discarded.append(kept[variant])
+                kept[variant] = record
+            else:
+                discarded.append(record)
+    return [kept[v] for v in variants if v in kept], discarded
+
+
 def run_subprocess(args: list[str], env: dict[str, str], timeout_s: float) -> list[Json]:
     command = [sys.executable, str(Path(__file__).resolve()), *args]
     try:
@@ -1053,15 +1106,27 @@ def orchestrate(args: argparse.Namespace) -> int:
             for worker in pool:
                 worker.close()
 
-    overhead: list[Json] = []
-    for variant in ("bare", "numpy", "torch"):
+    def time_process(variant: str) -> Json | None:
+        probe, waited = wait_for_capacity(reference)  # the same gate a cell passes
         records = run_subprocess(
             ["--overhead-worker", variant, f"--budget={budget}"]
             + (["--quick"] if args.quick else []),
             base_env(),
             timeout_s=900,
         )
-        overhead.extend(r for r in records if r["kind"] == "overhead")
+        record = next((r for r in records if r["kind"] == "overhead"), None)
+        if record is not None:
+            record["probe_slowdown"] = probe / reference
+            record["probe_waited_s"] = waited
+            ys = _yardstick_sync_us(record)
+            print(
+                f"overhead: {_PROCESS_NAMES[variant]}"
+                + (f", yardstick {ys:.2f} us" if ys is not None else ""),
+                flush=True,
+            )
+        return record
+
+    overhead, overhead_discarded = time_overhead(time_process)
 
     machine["loadavg_after"] = os.getloadavg()
     wall_s = time.perf_counter() - started_wall
@@ -1091,6 +1156,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         "summaries": summaries,
         "comparisons": verdicts,
         "overhead": overhead,
+        # Attempts timed again because the host ran slow (see time_overhead), kept to be read.
+        "overhead_discarded": overhead_discarded,
         "workers": workers,
         "raw_cells": raw,
     }
@@ -1439,6 +1506,10 @@ def render_markdown(report: Json) -> str:
     add("## Slot enter + exit, uncontended (median of repeats, microseconds)")
     add("")
     lines.extend(_overhead_table(report["overhead"]))
+    retried = _overhead_attempts_sentence(report["overhead"], report.get("overhead_discarded", []))
+    if retried:
+        add("")
+        add(retried)
     add("")
     return "\n".join(lines)
 
@@ -1494,6 +1565,40 @@ def _overhead_table(variants: list[Json]) -> list[str]:
                 row += f" {_f(sync_ratio, 1)} | {_f(async_ratio, 1)} |"
             lines.append(row)
     return lines
+
+
+def _overhead_attempts_sentence(kept: list[Json], discarded: list[Json]) -> str:
+    """How the host's speed was checked while the overhead was timed; '' for a run saved before
+    processes were timed again on a slowed host."""
+    if not kept or any("attempt" not in r for r in kept):
+        return ""
+    text = (
+        f"Each process waited, as a cell does, for the capacity probe to come within "
+        f"{PROBE_SLOWDOWN}x of its best, and one whose yardstick ran more than {PROBE_SLOWDOWN} "
+        f"times the fastest process's was timed again (at most {OVERHEAD_ATTEMPTS} attempts; "
+        f"the one with the fastest yardstick is reported). "
+    )
+    if not discarded:
+        return text + "No process needed it."
+
+    def attempt(r: Json, fate: str) -> str:
+        ys = _yardstick_sync_us(r)
+        speed = f"yardstick {_f(ys, 2)} us" if ys is not None else "no yardstick"
+        return f"attempt {r['attempt']} ({speed}, {fate})"
+
+    parts = []
+    for record in kept:
+        dropped = [r for r in discarded if r["variant"] == record["variant"]]
+        if dropped:
+            tries = sorted(
+                [(r, "set aside") for r in dropped] + [(record, "reported")],
+                key=lambda pair: pair[0]["attempt"],
+            )
+            parts.append(
+                f"{_PROCESS_NAMES[record['variant']]}: "
+                + ", ".join(attempt(r, fate) for r, fate in tries)
+            )
+    return text + "Timed again: " + "; ".join(parts) + "."
 
 
 def _order_phrase(report: Json) -> str:

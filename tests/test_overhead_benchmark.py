@@ -82,3 +82,108 @@ def test_a_run_saved_before_the_yardstick_keeps_its_microseconds_alone() -> None
     assert "x ys" not in old
     assert "short repeats" not in old
     assert "| numpy loaded | CpuSlots elastic (grant = whole budget) |" in old
+
+
+def _timed(variant: str, yardstick_us: float) -> dict[str, object]:
+    bench = load_benchmark()
+    return {
+        "kind": "overhead",
+        "variant": variant,
+        "repeats": 15,
+        "loop_us": 0.02,
+        "results": [
+            {"pool": bench.YARDSTICK, "sync_us": yardstick_us, "async_us": 1.0},
+            {"pool": "CpuSlots elastic (grant = whole budget)", "sync_us": 3.0, "async_us": 7.0},
+        ],
+    }
+
+
+class _Host:
+    """Stands in for the overhead processes: each call returns the next yardstick of a script."""
+
+    def __init__(self, yardsticks: dict[str, list[float]]) -> None:
+        self.yardsticks = {name: list(speeds) for name, speeds in yardsticks.items()}
+        self.calls: list[str] = []
+
+    def __call__(self, variant: str) -> dict[str, object] | None:
+        self.calls.append(variant)
+        speeds = self.yardsticks[variant]
+        return _timed(variant, speeds.pop(0)) if speeds else None
+
+
+def test_a_process_timed_on_a_slowed_host_is_timed_again_and_the_faster_attempt_kept() -> None:
+    bench = load_benchmark()
+    host = _Host({"bare": [0.50], "numpy": [0.95, 0.52], "torch": [0.56]})
+    kept, discarded = bench.time_overhead(host)
+    assert host.calls == ["bare", "numpy", "torch", "numpy"]
+    assert [r["variant"] for r in kept] == ["bare", "numpy", "torch"]
+    assert [bench._yardstick_sync_us(r) for r in kept] == [0.50, 0.52, 0.56]
+    assert [r["attempt"] for r in kept] == [1, 2, 1]
+    [slow] = discarded
+    assert (slow["variant"], slow["attempt"], bench._yardstick_sync_us(slow)) == ("numpy", 1, 0.95)
+
+
+def test_a_host_that_stays_slow_gets_at_most_the_allowed_attempts_and_the_fastest_is_kept() -> None:
+    bench = load_benchmark()
+    host = _Host({"bare": [0.5], "numpy": [0.95, 0.80, 0.90, 0.51]})
+    kept, discarded = bench.time_overhead(host, variants=("bare", "numpy"), attempts=3)
+    assert host.calls.count("numpy") == 3  # the fourth, fast one is never asked for
+    numpy = next(r for r in kept if r["variant"] == "numpy")
+    assert (numpy["attempt"], bench._yardstick_sync_us(numpy)) == (2, 0.80)
+    assert sorted(r["attempt"] for r in discarded) == [1, 3]
+
+
+def test_processes_within_the_factor_are_timed_once() -> None:
+    bench = load_benchmark()
+    limit = bench.PROBE_SLOWDOWN
+    host = _Host({"bare": [0.40], "numpy": [0.40 * limit], "torch": [0.40 * limit * 0.99]})
+    kept, discarded = bench.time_overhead(host)
+    assert host.calls == ["bare", "numpy", "torch"]
+    assert discarded == []
+    assert all(r["attempt"] == 1 for r in kept)
+    assert bench._overhead_attempts_sentence(kept, discarded).endswith("No process needed it.")
+
+
+def test_a_faster_retry_makes_the_others_slow_by_comparison_and_they_are_timed_again() -> None:
+    bench = load_benchmark()
+    # Processes slowed alike cannot be told apart from a slower host type: none is timed again.
+    host = _Host({"bare": [0.9], "numpy": [0.9], "torch": [0.9]})
+    _, discarded = bench.time_overhead(host)
+    assert discarded == []
+    # One slow process whose retry is fast sets a new fastest, so the next round times again
+    # those that were within the factor of the old one but not of the new.
+    host = _Host({"bare": [0.60], "numpy": [0.80, 0.40], "torch": [0.55, 0.41]})
+    kept, discarded = bench.time_overhead(host)
+    assert host.calls == ["bare", "numpy", "torch", "numpy", "bare", "torch"]
+    assert [bench._yardstick_sync_us(r) for r in kept] == [0.60, 0.40, 0.41]
+    bare = next(r for r in kept if r["variant"] == "bare")
+    assert bare["attempt"] == 1  # its own retry failed (no record), so the first is kept
+
+
+def test_a_failed_process_is_left_out_without_stopping_the_others() -> None:
+    bench = load_benchmark()
+    host = _Host({"bare": [0.5], "numpy": [], "torch": [0.5]})
+    kept, discarded = bench.time_overhead(host)
+    assert [r["variant"] for r in kept] == ["bare", "torch"]
+    assert discarded == []
+
+
+def test_the_report_names_every_attempt_of_a_process_timed_again() -> None:
+    bench = load_benchmark()
+    host = _Host({"bare": [0.50], "numpy": [0.95, 0.52], "torch": [0.56]})
+    kept, discarded = bench.time_overhead(host)
+    sentence = bench._overhead_attempts_sentence(kept, discarded)
+    assert "more than 1.25 times the fastest process's was timed again" in sentence
+    assert (
+        "Timed again: numpy loaded: attempt 1 (yardstick 0.95 us, set aside), "
+        "attempt 2 (yardstick 0.52 us, reported)." in sentence
+    )
+    assert "no numpy, no torch:" not in sentence
+
+
+def test_a_run_saved_before_attempts_has_no_sentence_about_them() -> None:
+    bench = load_benchmark()
+    saved = json.loads(
+        (BENCHMARKS / "results" / "coordination-2026-12-05-late-evening-control.json").read_text()
+    )
+    assert bench._overhead_attempts_sentence(saved["overhead"], []) == ""
