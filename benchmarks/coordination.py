@@ -791,8 +791,14 @@ def mode_env(mode: Mode) -> dict[str, str]:
     return env
 
 
+def _yardstick_row(record: Json) -> Json | None:
+    """The yardstick's result in one overhead process; None for a run saved before it existed."""
+    return next((r for r in record["results"] if r["pool"] == YARDSTICK), None)
+
+
 def _yardstick_sync_us(record: Json) -> float | None:
-    return next((r["sync_us"] for r in record["results"] if r["pool"] == YARDSTICK), None)
+    row = _yardstick_row(record)
+    return row["sync_us"] if row is not None else None
 
 
 def _slowed(records: dict[str, Json]) -> list[str]:
@@ -1525,10 +1531,7 @@ def _overhead_table(variants: list[Json]) -> list[str]:
     """The overhead section's text; a run saved before the yardstick keeps its microseconds
     alone, since a ratio column would need a yardstick row in every process."""
 
-    def yardstick(variant: Json) -> Json | None:
-        return next((r for r in variant["results"] if r["pool"] == YARDSTICK), None)
-
-    with_ratios = bool(variants) and all(yardstick(v) is not None for v in variants)
+    with_ratios = bool(variants) and all(_yardstick_row(v) is not None for v in variants)
     repeats: set[int] = {v["repeats"] for v in variants if "repeats" in v}
     lines = [
         "Targets: CpuSlots <= 5 us sync and <= 20 us async without torch loaded. The loop's "
@@ -1553,7 +1556,7 @@ def _overhead_table(variants: list[Json]) -> list[str]:
         lines += ["| process | pool | sync us | async us |", "|---|---|---:|---:|"]
     for variant in variants:
         name = _PROCESS_NAMES[variant["variant"]]
-        ys = yardstick(variant) if with_ratios else None
+        ys = _yardstick_row(variant) if with_ratios else None
         lines.append(
             f"| {name} | empty loop | {_f(variant['loop_us'], 3)} | |"
             + (" | |" if ys is not None else "")
