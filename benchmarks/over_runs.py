@@ -26,6 +26,12 @@ number) and a calibration: whether the copy's rounds, which differ from the spli
 nothing, spread as independent rounds would. Steal counts take the rounds in which the two
 cells' steal differed by ``--steal-margin`` cores or more. Reports from before the benchmark
 recorded steal show "-" there.
+
+With ``--clients``, it also counts the slow requests of each process in the cell: those that
+took more than ``--slow-factor`` times the median of their own round, in the rounds whose cell
+lost at most ``--steal-limit`` cores to steal. A pooled p99 of a few hundred requests is set
+by its few slowest, so whether one process has more of them, and whether they come in more
+rounds or in longer bursts within a round, says what sets its p99 when steal does not.
 """
 
 from __future__ import annotations
@@ -142,6 +148,78 @@ class Pairing:
 
 
 @dataclass(frozen=True)
+class SlowRequests:
+    """One process's requests in a cell that took more than a factor times their round's
+    median, over the rounds counted."""
+
+    slow: int = 0
+    requests: int = 0
+    rounds_with_slow: int = 0
+    rounds: int = 0
+
+    def __add__(self, other: SlowRequests) -> SlowRequests:
+        return SlowRequests(
+            self.slow + other.slow,
+            self.requests + other.requests,
+            self.rounds_with_slow + other.rounds_with_slow,
+            self.rounds + other.rounds,
+        )
+
+    @property
+    def share(self) -> float:
+        return self.slow / self.requests if self.requests else 0.0
+
+    def text(self) -> str:
+        if not self.requests:
+            return "no round counted"
+        return (
+            f"{self.slow} of {self.requests} ({100 * self.share:.2f} %), "
+            f"in {self.rounds_with_slow} of {self.rounds} rounds"
+        )
+
+
+def slow_requests(
+    report: dict[str, Any],
+    workload: str,
+    clients: int,
+    mode: str,
+    *,
+    factor: float,
+    steal_limit: float,
+) -> SlowRequests:
+    """*mode*'s slow requests in the cell; rounds from before steal was recorded count."""
+    total = SlowRequests()
+    for run in report["raw_cells"]:
+        if not (
+            run.get("kind") == "cell"
+            and run["workload"] == workload
+            and run["concurrency"] == clients
+            and run["mode"] == mode
+            and run["latencies_us"]
+        ):
+            continue
+        if run.get("steal_cores") is not None and float(run["steal_cores"]) > steal_limit:
+            continue
+        latencies = [float(x) for x in run["latencies_us"]]
+        limit = factor * statistics.median(latencies)
+        slow = sum(x > limit for x in latencies)
+        total += SlowRequests(slow, len(latencies), int(slow > 0), 1)
+    return total
+
+
+@dataclass(frozen=True)
+class SlowTails:
+    """The slow requests of the mode, the split and the copy in one run's cell."""
+
+    mode: SlowRequests
+    split: SlowRequests
+    copy: SlowRequests
+
+    def __add__(self, other: SlowTails) -> SlowTails:
+        return SlowTails(self.mode + other.mode, self.split + other.split, self.copy + other.copy)
+
+
+@dataclass(frozen=True)
 class RunCell:
     name: str
     best: str
@@ -149,6 +227,7 @@ class RunCell:
     pinned: bool
     elastic: Pairing  # elastic as deployed, or the mode of --mode
     copy: Pairing
+    slow: SlowTails = SlowTails(SlowRequests(), SlowRequests(), SlowRequests())
 
     def head_to_head(self) -> Signs:
         """Rounds in which the mode served fewer requests/s than the copy: both ratios share
@@ -226,7 +305,14 @@ def _pair(
 
 
 def read_cell(
-    name: str, report: dict[str, Any], workload: str, clients: int, mode: str | None = None
+    name: str,
+    report: dict[str, Any],
+    workload: str,
+    clients: int,
+    mode: str | None = None,
+    *,
+    slow_factor: float = 1.4,
+    steal_limit: float = 0.05,
 ) -> RunCell | str:
     """The cell of one report, with *mode* (default: elastic as deployed) against the best
     split, or why it has none."""
@@ -265,7 +351,15 @@ def read_cell(
     if elastic is None or copy is None:
         return f"{ours.key} or the copy did not run this cell"
     env = _env_text(report, workload, ours.key)
-    return RunCell(name, label, env, ours.pinned, elastic, copy)
+    slow = SlowTails(
+        *(
+            slow_requests(
+                report, workload, clients, key, factor=slow_factor, steal_limit=steal_limit
+            )
+            for key in (ours.key, best, copy_key)
+        )
+    )
+    return RunCell(name, label, env, ours.pinned, elastic, copy, slow)
 
 
 def _median(values: Sequence[float], digits: int = 2) -> str:
@@ -349,6 +443,28 @@ def print_runs(cells: Sequence[RunCell], margin: float, who: str) -> None:
     print(Pooled.of([cell.elastic for cell in cells], margin).sentence(who, margin))
     print(Pooled.of([cell.copy for cell in cells], margin).sentence("copy", margin))
     print(f"  {who} slower than the copy in {head_to_head(cells).text(' rounds')}")
+
+
+def print_slow(cells: Sequence[RunCell], factor: float, steal_limit: float, who: str) -> None:
+    """The slow requests of one cell pooled over the runs, and in how many runs the mode had
+    the larger share."""
+    pooled = sum((cell.slow for cell in cells), SlowTails(*(SlowRequests(),) * 3))
+    print()
+    print(
+        f"Requests over {factor:g}x their round's median, in rounds whose cell lost at most "
+        f"{steal_limit:g} core to steal:"
+    )
+    print(f"  {who}: {pooled.mode.text()}")
+    print(f"  the split: {pooled.split.text()}")
+    print(f"  the copy: {pooled.copy.text()}")
+    counted = [cell.slow for cell in cells if cell.slow.mode.requests]
+    above_split = Signs.of([s.mode.share - s.split.share for s in counted if s.split.requests])
+    above_copy = Signs.of([s.mode.share - s.copy.share for s in counted if s.copy.requests])
+    print(
+        f"  runs in which {who}'s share was above the split's: "
+        f"{above_split.text(' that differ')}; above the copy's: "
+        f"{above_copy.text(' that differ')}"
+    )
 
 
 def print_cells(by_cell: dict[tuple[str, int], list[RunCell]], margin: float, who: str) -> None:
@@ -530,7 +646,24 @@ def main(argv: list[str] | None = None) -> int:
         default=0.1,
         help="cores of steal by which two cells must differ to count (0.1)",
     )
+    parser.add_argument(
+        "--slow-factor",
+        type=float,
+        default=1.4,
+        help="with --clients: a request is slow above this many times its round's median (1.4)",
+    )
+    parser.add_argument(
+        "--steal-limit",
+        type=float,
+        default=0.05,
+        help="with --clients: rounds whose cell lost more cores than this to steal are left out "
+        "of the slow-request counts (0.05)",
+    )
     args = parser.parse_args(argv)
+    if not 1 < args.slow_factor <= 100:
+        parser.error(f"--slow-factor must be above 1 and at most 100, got {args.slow_factor}")
+    if not 0 <= args.steal_limit <= 2:
+        parser.error(f"--steal-limit must be 0 to 2 cores, got {args.steal_limit}")
     if not 0 < args.steal_margin <= 2:
         parser.error(f"--steal-margin must be above 0 and at most 2 cores, got {args.steal_margin}")
     if args.clients is not None and args.workload is None:
@@ -556,7 +689,18 @@ def main(argv: list[str] | None = None) -> int:
                 else _levels([report], args.workload)
             )
             found_cells = [
-                ((workload, clients), read_cell(path.stem, report, workload, clients, args.mode))
+                (
+                    (workload, clients),
+                    read_cell(
+                        path.stem,
+                        report,
+                        workload,
+                        clients,
+                        args.mode,
+                        slow_factor=args.slow_factor,
+                        steal_limit=args.steal_limit,
+                    ),
+                )
                 for workload, clients in wanted
             ]
         except MALFORMED as error:
@@ -585,7 +729,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
     if args.clients is not None:
-        print_runs(by_cell[(args.workload, args.clients)], args.steal_margin, who)
+        cells = by_cell[(args.workload, args.clients)]
+        print_runs(cells, args.steal_margin, who)
+        print_slow(cells, args.slow_factor, args.steal_limit, who)
     else:
         print_cells(by_cell, args.steal_margin, who)
     return 0

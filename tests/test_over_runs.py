@@ -345,6 +345,73 @@ def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
     assert "no report has numpy at 1 clients with elastic and a copy" in alone.stderr
 
 
+def _slow_by_hand(
+    report: dict[str, object], mode: str, factor: float, steal_limit: float
+) -> tuple[int, int, int, int]:
+    """Slow requests, requests, rounds with one, rounds: read from the raw cells here."""
+    cells = report["raw_cells"]
+    assert isinstance(cells, list)
+    slow = requests = rounds_with = rounds = 0
+    for c in cells:
+        if (c["workload"], c["concurrency"], c["mode"]) != ("minilm", 1, mode):
+            continue
+        if c["steal_cores"] > steal_limit:
+            continue
+        median = statistics.median(c["latencies_us"])
+        n = sum(x > factor * median for x in c["latencies_us"])
+        slow, requests = slow + n, requests + len(c["latencies_us"])
+        rounds_with, rounds = rounds_with + (n > 0), rounds + 1
+    return slow, requests, rounds_with, rounds
+
+
+def test_slow_requests_are_counted_per_round_and_pooled_over_the_runs() -> None:
+    """Each process's requests over the factor times its round's median, rounds with more
+    steal than the limit left out, as read from the raw cells independently."""
+    runs = (LATE_RUN, RESULTS / "coordination-2026-12-05-late-night-control.json")
+    for factor, steal_limit in ((1.4, 0.05), (1.2, 2.0)):
+        result = run_script(
+            "--workload", "minilm", "--clients", "1",
+            "--slow-factor", str(factor), "--steal-limit", str(steal_limit),
+            *map(str, runs),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert (
+            f"Requests over {factor:g}x their round's median, in rounds whose cell lost at most "
+            f"{steal_limit:g} core to steal:"
+        ) in result.stdout
+        reports = [json.loads(path.read_text()) for path in runs]
+        shares = {}
+        for who, mode in (
+            ("elastic", "elastic"),
+            ("the split", "static-2"),
+            ("the copy", "static-2-copy"),
+        ):
+            per_run = [_slow_by_hand(r, mode, factor, steal_limit) for r in reports]
+            slow, requests, rounds_with, rounds = (sum(x) for x in zip(*per_run, strict=True))
+            assert requests > 0
+            line = (
+                f"  {who}: {slow} of {requests} ({100 * slow / requests:.2f} %), "
+                f"in {rounds_with} of {rounds} rounds"
+            )
+            assert line in result.stdout.splitlines()
+            shares[mode] = [s / n for s, n, _, _ in per_run]
+        if steal_limit == 2.0:
+            assert rounds == 20  # nothing left out
+        above = sum(e > s for e, s in zip(shares["elastic"], shares["static-2"], strict=True))
+        differ = sum(e != s for e, s in zip(shares["elastic"], shares["static-2"], strict=True))
+        assert f"share was above the split's: {above} of {differ} that differ" in result.stdout
+
+
+def test_a_factor_above_every_request_finds_none_slow() -> None:
+    result = run_script(
+        "--workload", "minilm", "--clients", "1", "--slow-factor", "100", str(LATE_RUN)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  elastic: 0 of " in result.stdout
+    assert "  the split: 0 of " in result.stdout
+    assert "share was above the split's: -; above the copy's: -" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -355,6 +422,8 @@ def test_reports_without_the_cell_or_a_copy_are_skipped_and_named() -> None:
         (["--mode", "static-2"], "'static-2' is a static mode"),
         (["--mode", "elastic+fast"], "unknown mode 'elastic+fast'"),
         (["--workload", "numpy", "--clients", "0"], "--clients must be 1 or more, got 0"),
+        (["--slow-factor", "1"], "--slow-factor must be above 1 and at most 100, got 1.0"),
+        (["--steal-limit", "-0.1"], "--steal-limit must be 0 to 2 cores, got -0.1"),
     ],
 )
 def test_bad_arguments_are_named(args: list[str], message: str) -> None:
