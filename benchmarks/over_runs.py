@@ -211,9 +211,9 @@ def slow_requests(
 class SlowTails:
     """The slow requests of the mode, the split and the copy in one run's cell."""
 
-    mode: SlowRequests
-    split: SlowRequests
-    copy: SlowRequests
+    mode: SlowRequests = SlowRequests()
+    split: SlowRequests = SlowRequests()
+    copy: SlowRequests = SlowRequests()
 
     def __add__(self, other: SlowTails) -> SlowTails:
         return SlowTails(self.mode + other.mode, self.split + other.split, self.copy + other.copy)
@@ -227,7 +227,7 @@ class RunCell:
     pinned: bool
     elastic: Pairing  # elastic as deployed, or the mode of --mode
     copy: Pairing
-    slow: SlowTails = SlowTails(SlowRequests(), SlowRequests(), SlowRequests())
+    slow: SlowTails = SlowTails()  # counted only where asked for (--clients)
 
     def head_to_head(self) -> Signs:
         """Rounds in which the mode served fewer requests/s than the copy: both ratios share
@@ -311,11 +311,11 @@ def read_cell(
     clients: int,
     mode: str | None = None,
     *,
-    slow_factor: float = 1.4,
+    slow_factor: float | None = None,
     steal_limit: float = 0.05,
 ) -> RunCell | str:
     """The cell of one report, with *mode* (default: elastic as deployed) against the best
-    split, or why it has none."""
+    split, or why it has none; with *slow_factor*, each process's slow requests too."""
     comparison = next(
         (
             c
@@ -351,13 +351,17 @@ def read_cell(
     if elastic is None or copy is None:
         return f"{ours.key} or the copy did not run this cell"
     env = _env_text(report, workload, ours.key)
-    slow = SlowTails(
-        *(
-            slow_requests(
-                report, workload, clients, key, factor=slow_factor, steal_limit=steal_limit
+    slow = (
+        SlowTails(
+            *(
+                slow_requests(
+                    report, workload, clients, key, factor=slow_factor, steal_limit=steal_limit
+                )
+                for key in (ours.key, best, copy_key)
             )
-            for key in (ours.key, best, copy_key)
         )
+        if slow_factor is not None
+        else SlowTails()
     )
     return RunCell(name, label, env, ours.pinned, elastic, copy, slow)
 
@@ -448,7 +452,7 @@ def print_runs(cells: Sequence[RunCell], margin: float, who: str) -> None:
 def print_slow(cells: Sequence[RunCell], factor: float, steal_limit: float, who: str) -> None:
     """The slow requests of one cell pooled over the runs, and in how many runs the mode had
     the larger share."""
-    pooled = sum((cell.slow for cell in cells), SlowTails(*(SlowRequests(),) * 3))
+    pooled = sum((cell.slow for cell in cells), SlowTails())
     print()
     print(
         f"Requests over {factor:g}x their round's median, in rounds whose cell lost at most "
@@ -697,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                         workload,
                         clients,
                         args.mode,
-                        slow_factor=args.slow_factor,
+                        slow_factor=args.slow_factor if args.clients is not None else None,
                         steal_limit=args.steal_limit,
                     ),
                 )
